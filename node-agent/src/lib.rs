@@ -1,0 +1,10 @@
+//! node-agent: an eBPF kube-proxy replacement (and, later, an embedded kubelet) for one node.
+//!
+//! sources (manifest directory) → model → proxy (compile → diff) → datapath (eBPF maps).
+pub mod agent;
+pub mod datapath;
+pub mod health;
+pub mod lb;
+pub mod model;
+pub mod proxy;
+pub mod source;

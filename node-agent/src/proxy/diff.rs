@@ -1,0 +1,134 @@
+//! The minimal, ordered set of map writes that turns the applied state into the desired one.
+use std::collections::BTreeMap;
+
+use super::state::{MapOp, MapState};
+
+/// Make-before-break: everything a new entry refers to is written before it, and an entry is
+/// deleted only after nothing refers to it, so no packet ever sees a half-written Service.
+pub fn diff(applied: &MapState, desired: &MapState) -> Vec<MapOp> {
+    let mut ops = Vec::new();
+    let is_master = |slot: u16| slot == 0;
+    // Backends and reverse-NAT entries first: slots and masters name them.
+    ops.extend(changed(&applied.backends, &desired.backends).map(|(&id, &b)| MapOp::PutBackend(id, b)));
+    ops.extend(changed(&applied.rev_nat, &desired.rev_nat).map(|(&id, &r)| MapOp::PutRevNat(id, r)));
+    // Slots before masters: a master never counts a slot that is not written yet.
+    let puts = changed(&applied.services, &desired.services);
+    let (masters, slots): (Vec<_>, Vec<_>) = puts.partition(|(key, _)| is_master(key.slot));
+    ops.extend(slots.into_iter().chain(masters).map(|(&k, &v)| MapOp::PutService(k, v)));
+    // Masters before slots: a removed Service stops matching before its slots go.
+    let (masters, slots): (Vec<_>, Vec<_>) =
+        removed(&applied.services, &desired.services).partition(|key| is_master(key.slot));
+    ops.extend(masters.into_iter().chain(slots).map(|&k| MapOp::DeleteService(k)));
+    ops.extend(removed(&applied.rev_nat, &desired.rev_nat).map(|&id| MapOp::DeleteRevNat(id)));
+    ops.extend(removed(&applied.backends, &desired.backends).map(|&id| MapOp::DeleteBackend(id)));
+    ops
+}
+
+/// Entries of `to` that `from` lacks or holds with another value.
+fn changed<'a, K: Ord, V: PartialEq>(
+    from: &'a BTreeMap<K, V>,
+    to: &'a BTreeMap<K, V>,
+) -> impl Iterator<Item = (&'a K, &'a V)> {
+    to.iter().filter(move |(k, v)| from.get(k) != Some(v))
+}
+
+/// Keys of `from` that `to` lacks.
+fn removed<'a, K: Ord, V>(
+    from: &'a BTreeMap<K, V>,
+    to: &'a BTreeMap<K, V>,
+) -> impl Iterator<Item = &'a K> {
+    from.keys().filter(move |k| !to.contains_key(k))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use node_common::{Backend, PROTO_TCP, RevNat, ServiceValue};
+
+    use super::*;
+    use crate::proxy::state::Frontend;
+
+    const WEB: Frontend = Frontend {
+        ip: Ipv4Addr::new(10, 96, 0, 10),
+        port: 80,
+        proto: PROTO_TCP,
+    };
+
+    fn backend(last: u8) -> Backend {
+        Backend::new(Ipv4Addr::new(10, 0, 0, last), 8080, PROTO_TCP)
+    }
+
+    /// A state with WEB load-balancing to the given backend ids (backend id n is 10.0.0.n).
+    fn web(ids: &[u32]) -> MapState {
+        let mut s = MapState::default();
+        s.rev_nat.insert(1, RevNat::new(WEB.ip, WEB.port));
+        s.services.insert(WEB.key(0), ServiceValue { backend_id: 0, count: ids.len() as u16, rev_nat_id: 1 });
+        for (slot, &id) in ids.iter().enumerate() {
+            s.backends.insert(id, backend(id as u8));
+            s.services.insert(WEB.key(slot as u16 + 1), ServiceValue { backend_id: id, count: 0, rev_nat_id: 1 });
+        }
+        s
+    }
+
+    fn slot(n: u16, id: u32) -> MapOp {
+        MapOp::PutService(WEB.key(n), ServiceValue { backend_id: id, count: 0, rev_nat_id: 1 })
+    }
+
+    fn master(count: u16) -> MapOp {
+        MapOp::PutService(WEB.key(0), ServiceValue { backend_id: 0, count, rev_nat_id: 1 })
+    }
+
+    #[test]
+    fn diff_table() {
+        let empty = MapState::default();
+        let cases: Vec<(&str, MapState, MapState, Vec<MapOp>)> = vec![
+            ("no change, no writes", web(&[1, 2]), web(&[1, 2]), vec![]),
+            (
+                "add: backends, reverse NAT, slots, then the master",
+                empty.clone(),
+                web(&[1, 2]),
+                vec![
+                    MapOp::PutBackend(1, backend(1)),
+                    MapOp::PutBackend(2, backend(2)),
+                    MapOp::PutRevNat(1, RevNat::new(WEB.ip, WEB.port)),
+                    slot(1, 1),
+                    slot(2, 2),
+                    master(2),
+                ],
+            ),
+            (
+                "grow: new backend and slot before the master's count",
+                web(&[1]),
+                web(&[1, 2]),
+                vec![MapOp::PutBackend(2, backend(2)), slot(2, 2), master(2)],
+            ),
+            (
+                "shrink from the middle: slot rewritten, count lowered, then the last slot and the backend go",
+                web(&[1, 2, 3]),
+                web(&[1, 3]),
+                vec![slot(2, 3), master(2), MapOp::DeleteService(WEB.key(3)), MapOp::DeleteBackend(2)],
+            ),
+            (
+                "remove: master, then slots, reverse NAT and backends",
+                web(&[1, 2]),
+                empty.clone(),
+                vec![
+                    MapOp::DeleteService(WEB.key(0)),
+                    MapOp::DeleteService(WEB.key(1)),
+                    MapOp::DeleteService(WEB.key(2)),
+                    MapOp::DeleteRevNat(1),
+                    MapOp::DeleteBackend(1),
+                    MapOp::DeleteBackend(2),
+                ],
+            ),
+        ];
+        for (name, applied, desired, want) in cases {
+            let ops = diff(&applied, &desired);
+            assert_eq!(ops, want, "{name}");
+            let mut after = applied.clone();
+            ops.iter().for_each(|op| after.apply(op));
+            assert_eq!(after, desired, "{name}: applying the diff reaches the desired state");
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! The content of the datapath's Service maps as plain data, and the writes that change it.
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+
+use node_common::{Backend, PROTO_TCP, PROTO_UDP, RevNat, ServiceKey, ServiceValue};
+
+/// A Service port as the datapath matches it: ClusterIP:port/protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Frontend {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub proto: u8,
+}
+
+impl Frontend {
+    pub fn key(&self, slot: u16) -> ServiceKey {
+        ServiceKey::new(self.ip, self.port, self.proto, slot)
+    }
+
+    pub fn of(key: &ServiceKey) -> Self {
+        Self {
+            ip: key.ip(),
+            port: key.host_port(),
+            proto: key.proto,
+        }
+    }
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.ip, self.port, proto_name(self.proto))
+    }
+}
+
+/// The Kubernetes spelling of an IP protocol number.
+pub fn proto_name(proto: u8) -> &'static str {
+    match proto {
+        PROTO_TCP => "TCP",
+        PROTO_UDP => "UDP",
+        _ => "?",
+    }
+}
+
+/// What SERVICES, BACKENDS and REV_NAT hold (or should hold).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapState {
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub backends: BTreeMap<u32, Backend>,
+    pub rev_nat: BTreeMap<u16, RevNat>,
+}
+
+/// One map write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MapOp {
+    PutBackend(u32, Backend),
+    PutRevNat(u16, RevNat),
+    PutService(ServiceKey, ServiceValue),
+    DeleteService(ServiceKey),
+    DeleteRevNat(u16),
+    DeleteBackend(u32),
+}
+
+impl MapState {
+    /// The state after `op` has been written.
+    pub fn apply(&mut self, op: &MapOp) {
+        match *op {
+            MapOp::PutBackend(id, backend) => {
+                self.backends.insert(id, backend);
+            }
+            MapOp::PutRevNat(id, rev_nat) => {
+                self.rev_nat.insert(id, rev_nat);
+            }
+            MapOp::PutService(key, value) => {
+                self.services.insert(key, value);
+            }
+            MapOp::DeleteService(key) => {
+                self.services.remove(&key);
+            }
+            MapOp::DeleteRevNat(id) => {
+                self.rev_nat.remove(&id);
+            }
+            MapOp::DeleteBackend(id) => {
+                self.backends.remove(&id);
+            }
+        }
+    }
+}
+
+impl fmt::Display for MapOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::PutBackend(id, b) => write!(f, "put backend {id} ({}:{})", b.ip(), b.host_port()),
+            Self::PutRevNat(id, _) => write!(f, "put reverse NAT {id}"),
+            Self::PutService(k, _) => write!(f, "put service {} slot {}", Frontend::of(k), k.slot),
+            Self::DeleteService(k) => {
+                write!(f, "delete service {} slot {}", Frontend::of(k), k.slot)
+            }
+            Self::DeleteRevNat(id) => write!(f, "delete reverse NAT {id}"),
+            Self::DeleteBackend(id) => write!(f, "delete backend {id}"),
+        }
+    }
+}
