@@ -1,0 +1,61 @@
+//! The node under test with a client and N backends around it, each in its own namespace:
+//!
+//! ```text
+//!  client 198.18.1.2 ──eth0│nc── node ──nbI│eth0── backend-I 198.18.(10+I).2
+//! ```
+//! Checksum offload is off on every veth, so each kernel computes and verifies checksums in
+//! software: a wrong checksum written by the datapath loses the packet.
+use std::net::Ipv4Addr;
+
+use crate::netns::{Netns, ip};
+
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+/// The node's device facing the client.
+pub const NODE_CLIENT_DEVICE: &str = "nc";
+
+pub struct Topology {
+    pub client: Netns,
+    pub node: Netns,
+    pub backends: Vec<Netns>,
+}
+
+/// The address of backend `i` (1-based).
+pub fn backend_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 10 + i as u8, 2)
+}
+
+impl Topology {
+    pub fn new(backends: usize) -> anyhow::Result<Self> {
+        let client = Netns::new("client")?;
+        let node = Netns::new("node")?;
+        node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        link(&client, "eth0", CLIENT_IP, &node, NODE_CLIENT_DEVICE, Ipv4Addr::new(198, 18, 1, 1))?;
+        let mut namespaces = Vec::new();
+        for i in 1..=backends {
+            let backend = Netns::new(&format!("backend{i}"))?;
+            let gateway = Ipv4Addr::new(198, 18, 10 + i as u8, 1);
+            link(&backend, "eth0", backend_ip(i), &node, &format!("nb{i}"), gateway)?;
+            namespaces.push(backend);
+        }
+        Ok(Self { client, node, backends: namespaces })
+    }
+
+    /// Every node device: where the datapath attaches.
+    pub fn node_devices(&self) -> Vec<String> {
+        let mut devices = vec![NODE_CLIENT_DEVICE.to_owned()];
+        devices.extend((1..=self.backends.len()).map(|i| format!("nb{i}")));
+        devices
+    }
+}
+
+/// A veth between `host`'s `host_dev` (`host_ip`/24, default route via `gateway_ip`) and
+/// `gateway`'s `gateway_dev` (`gateway_ip`/24), with checksum offload off on both ends.
+fn link(host: &Netns, host_dev: &str, host_ip: Ipv4Addr, gateway: &Netns, gateway_dev: &str, gateway_ip: Ipv4Addr) -> anyhow::Result<()> {
+    ip(&["-n", host.name(), "link", "add", host_dev, "type", "veth", "peer", "name", gateway_dev, "netns", gateway.name()])?;
+    for (ns, dev, addr) in [(host, host_dev, host_ip), (gateway, gateway_dev, gateway_ip)] {
+        ip(&["-n", ns.name(), "addr", "add", &format!("{addr}/24"), "dev", dev])?;
+        ip(&["-n", ns.name(), "link", "set", dev, "up"])?;
+        ns.exec("ethtool", &["-K", dev, "tx", "off", "rx", "off"])?;
+    }
+    ip(&["-n", host.name(), "route", "add", "default", "via", &gateway_ip.to_string()])
+}
