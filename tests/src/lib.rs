@@ -2,6 +2,7 @@
 //! process and manifests. Every fixture cleans up on Drop, also when a test fails.
 pub mod agent;
 pub mod backend;
+pub mod client;
 pub mod manifest;
 pub mod netns;
 pub mod topology;
