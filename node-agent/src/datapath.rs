@@ -1,8 +1,7 @@
 //! The eBPF datapath: loading, attaching, pinning and reading node-ebpf's programs and maps.
 //! Nothing else in the agent touches aya.
 use std::{
-    fs,
-    io,
+    fs, io,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -13,6 +12,7 @@ use aya::{
     maps::{HashMap, Map, MapData},
     programs::{SchedClassifier, TcAttachType, TestRun, TestRunOptions},
 };
+use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 use node_common::{
     BACKENDS_MAP, Backend, CONNTRACK_MAP, REV_NAT_MAP, RevNat, SERVICES_MAP, ServiceKey,
     ServiceValue,
@@ -25,7 +25,6 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/no
 
 const TC_INGRESS: &str = "tc_ingress";
 const PINNED_MAPS: [&str; 4] = [SERVICES_MAP, BACKENDS_MAP, REV_NAT_MAP, CONNTRACK_MAP];
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// The loaded datapath. Dropping it is the one place that decides what outlives the agent: for
 /// now nothing does (programs detach, pins are removed).
@@ -59,9 +58,15 @@ impl Datapath {
             .program_mut(TC_INGRESS)
             .context("the eBPF object has no tc_ingress program")?
             .try_into()?;
-        program.load().context("loading tc_ingress into the kernel")?;
-        let mut take = |name: &str| ebpf.take_map(name).with_context(|| format!("the eBPF object has no map {name}"));
-        let (services, backends, rev_nat) = (take(SERVICES_MAP)?, take(BACKENDS_MAP)?, take(REV_NAT_MAP)?);
+        program
+            .load()
+            .context("loading tc_ingress into the kernel")?;
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .with_context(|| format!("the eBPF object has no map {name}"))
+        };
+        let (services, backends, rev_nat) =
+            (take(SERVICES_MAP)?, take(BACKENDS_MAP)?, take(REV_NAT_MAP)?);
         Ok(Self {
             services: services.try_into()?,
             backends: backends.try_into()?,
@@ -73,8 +78,11 @@ impl Datapath {
 
     /// Attaches tc_ingress to `device`'s ingress (TCX on this kernel).
     pub fn attach(&mut self, device: &str) -> anyhow::Result<()> {
-        let program: &mut SchedClassifier =
-            self.ebpf.program_mut(TC_INGRESS).context("tc_ingress is not loaded")?.try_into()?;
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(TC_INGRESS)
+            .context("tc_ingress is not loaded")?
+            .try_into()?;
         program
             .attach(device, TcAttachType::Ingress)
             .with_context(|| format!("attaching tc_ingress to device {device}"))?;
@@ -96,8 +104,11 @@ impl Datapath {
     /// Runs tc_ingress once over `frame` (an Ethernet frame) through BPF_PROG_TEST_RUN, against
     /// the live maps.
     pub fn test_run(&self, frame: &[u8]) -> anyhow::Result<TestRunOutput> {
-        let program: &SchedClassifier =
-            self.ebpf.program(TC_INGRESS).context("tc_ingress is not loaded")?.try_into()?;
+        let program: &SchedClassifier = self
+            .ebpf
+            .program(TC_INGRESS)
+            .context("tc_ingress is not loaded")?
+            .try_into()?;
         // Room for the frame: the datapath rewrites in place and never grows a packet.
         let mut out = vec![0; frame.len()];
         let result = program.test_run(TestRunOptions {
@@ -133,8 +144,13 @@ impl Drop for Datapath {
 pub fn read_pinned(pin_dir: &Path) -> anyhow::Result<MapState> {
     fn open(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
         let path = pin_dir.join(name);
-        let data = MapData::from_pin(&path)
-            .with_context(|| format!("opening {} (is node-agent running with --bpffs {}?)", path.display(), pin_dir.display()))?;
+        let data = MapData::from_pin(&path).with_context(|| {
+            format!(
+                "opening {} (is node-agent running with --bpffs {}?)",
+                path.display(),
+                pin_dir.display()
+            )
+        })?;
         Ok(Map::from_map_data(data)?)
     }
     let services: HashMap<_, ServiceKey, ServiceValue> = open(pin_dir, SERVICES_MAP)?.try_into()?;
@@ -150,18 +166,25 @@ pub fn read_pinned(pin_dir: &Path) -> anyhow::Result<MapState> {
 /// Mounts bpffs at /sys/fs/bpf when `pin_dir` lies under it and nothing is mounted there yet.
 fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
     let root = Path::new("/sys/fs/bpf");
-    let on_bpffs = |path: &Path| {
-        nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
-    };
+    let on_bpffs = |path: &Path| statfs(path).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC);
     let parent = pin_dir.parent().unwrap_or(pin_dir);
     if on_bpffs(parent) {
         return Ok(());
     }
     if !pin_dir.starts_with(root) {
-        bail!("{} is not on a bpf filesystem; mount one (mount -t bpf bpf DIR) or use a directory under /sys/fs/bpf", parent.display());
+        bail!(
+            "{} is not on a bpf filesystem; mount one (mount -t bpf bpf DIR) or use a directory under /sys/fs/bpf",
+            parent.display()
+        );
     }
     tracing::info!("mounting bpffs at {}", root.display());
-    nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-        .context("mounting bpffs at /sys/fs/bpf")?;
+    nix::mount::mount(
+        Some("bpf"),
+        root,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .context("mounting bpffs at /sys/fs/bpf")?;
     Ok(())
 }

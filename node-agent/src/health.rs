@@ -22,7 +22,11 @@ impl Health {
 
     fn status(&self) -> (StatusCode, Json<Value>) {
         let last = *self.last_sync.lock().unwrap_or_else(|e| e.into_inner());
-        let code = if last.is_some() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        let code = if last.is_some() {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
         let body = json!({
             "lastUpdated": last.map(|t| t.to_string()).unwrap_or_default(),
             "currentTime": Timestamp::now().to_string(),
@@ -37,7 +41,10 @@ pub async fn serve(addr: SocketAddr, health: Health) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the health server to {addr}"))?;
     let app = Router::new()
-        .route("/healthz", get(|State(h): State<Health>| async move { h.status() }))
+        .route(
+            "/healthz",
+            get(|State(h): State<Health>| async move { h.status() }),
+        )
         .with_state(health);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {

@@ -53,15 +53,29 @@ struct Bpffs {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Run { manifests, devices, health_bind, bpffs } => {
-            let config = agent::RunConfig { manifests, devices, health_bind, bpffs: bpffs.dir };
+        Command::Run {
+            manifests,
+            devices,
+            health_bind,
+            bpffs,
+        } => {
+            let config = agent::RunConfig {
+                manifests,
+                devices,
+                health_bind,
+                bpffs: bpffs.dir,
+            };
             tokio::runtime::Runtime::new()?.block_on(agent::run(config))
         }
-        Command::Lb { command: LbCommand::List { bpffs } } => {
+        Command::Lb {
+            command: LbCommand::List { bpffs },
+        } => {
             print!("{}", lb::format_list(&datapath::read_pinned(&bpffs.dir)?));
             Ok(())
         }

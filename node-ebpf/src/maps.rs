@@ -20,5 +20,4 @@ pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(BACKENDS_MAX_ENTRIE
 pub static REV_NAT: HashMap<u16, RevNat> = HashMap::pinned(REV_NAT_MAX_ENTRIES, 0);
 
 #[map]
-pub static CONNTRACK: LruHashMap<CtKey, CtValue> =
-    LruHashMap::pinned(CONNTRACK_MAX_ENTRIES, 0);
+pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(CONNTRACK_MAX_ENTRIES, 0);

@@ -19,14 +19,24 @@ pub enum Side {
 
 /// Rewrites one side's address and port (both network order) and fixes the IP and L4 checksums.
 #[inline(always)]
-pub fn rewrite(ctx: &TcContext, flow: &Flow, side: Side, address: u32, port: u16) -> Result<(), c_long> {
+pub fn rewrite(
+    ctx: &TcContext,
+    flow: &Flow,
+    side: Side,
+    address: u32,
+    port: u16,
+) -> Result<(), c_long> {
     let t = &flow.tuple;
     let (addr_off, port_off, old_addr, old_port) = match side {
         Side::Destination => (IP_DADDR_OFF, flow.l4_off + 2, t.daddr, t.dport),
         Side::Source => (IP_SADDR_OFF, flow.l4_off, t.saddr, t.sport),
     };
     // A UDP checksum of 0 means "none" and must stay 0; a computed 0 is sent as 0xffff.
-    let udp = if t.proto == PROTO_UDP { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
+    let udp = if t.proto == PROTO_UDP {
+        u64::from(BPF_F_MARK_MANGLED_0)
+    } else {
+        0
+    };
     let csum_off = flow.l4_csum_off();
     ctx.l4_csum_replace(
         csum_off,

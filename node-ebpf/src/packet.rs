@@ -73,8 +73,15 @@ pub fn parse_flow(ctx: &TcContext) -> Option<Flow> {
         return None;
     }
     let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN)?;
-    let (version_ihl, frag_off, proto, saddr, daddr) =
-        unsafe { ((*ip).version_ihl, (*ip).frag_off, (*ip).proto, (*ip).saddr, (*ip).daddr) };
+    let (version_ihl, frag_off, proto, saddr, daddr) = unsafe {
+        (
+            (*ip).version_ihl,
+            (*ip).frag_off,
+            (*ip).proto,
+            (*ip).saddr,
+            (*ip).daddr,
+        )
+    };
     if u16::from_be(frag_off) & IP_FRAGMENT_MASK != 0 || (proto != PROTO_TCP && proto != PROTO_UDP)
     {
         return None;

@@ -35,7 +35,7 @@ fn try_tc_ingress(ctx: &TcContext) -> Result<i32, c_long> {
     };
     // The service lookup comes first on every packet, so a deleted Service stops attracting
     // traffic at once, even for flows conntrack still knows.
-    match unsafe { SERVICES.get(&frontend) } {
+    match unsafe { SERVICES.get(frontend) } {
         Some(master) => to_backend(ctx, &flow, frontend, *master),
         None => reverse_nat(ctx, &flow),
     }
@@ -48,8 +48,8 @@ fn to_backend(
     master: ServiceValue,
 ) -> Result<i32, c_long> {
     // An established flow stays on its backend for as long as that backend exists.
-    if let Some(ct) = unsafe { CONNTRACK.get(&flow.tuple) }
-        && let Some(backend) = unsafe { BACKENDS.get(&ct.backend_id) }
+    if let Some(ct) = unsafe { CONNTRACK.get(flow.tuple) }
+        && let Some(backend) = unsafe { BACKENDS.get(ct.backend_id) }
     {
         rewrite(ctx, flow, Side::Destination, backend.address, backend.port)?;
         return Ok(TC_ACT_OK);
@@ -60,11 +60,11 @@ fn to_backend(
     let slot = (unsafe { bpf_get_prandom_u32() } % u32::from(master.count)) as u16 + 1;
     // A slot may vanish between reading the count and reading the slot while the agent shrinks
     // the Service; the client retransmits.
-    let Some(entry) = (unsafe { SERVICES.get(&frontend.with_slot(slot)) }) else {
+    let Some(entry) = (unsafe { SERVICES.get(frontend.with_slot(slot)) }) else {
         return Ok(TC_ACT_SHOT);
     };
     let backend_id = entry.backend_id;
-    let Some(backend) = (unsafe { BACKENDS.get(&backend_id) }) else {
+    let Some(backend) = (unsafe { BACKENDS.get(backend_id) }) else {
         return Ok(TC_ACT_SHOT);
     };
     let (address, port) = (backend.address, backend.port);
@@ -83,16 +83,23 @@ fn to_backend(
         proto: t.proto,
         _pad: [0; 3],
     };
-    CONNTRACK.insert(&flow.tuple, &forward, 0)?;
-    CONNTRACK.insert(&reply_key, &CtValue { flags: CT_REPLY, ..forward }, 0)?;
+    CONNTRACK.insert(flow.tuple, forward, 0)?;
+    CONNTRACK.insert(
+        reply_key,
+        CtValue {
+            flags: CT_REPLY,
+            ..forward
+        },
+        0,
+    )?;
     rewrite(ctx, flow, Side::Destination, address, port)?;
     Ok(TC_ACT_OK)
 }
 
 fn reverse_nat(ctx: &TcContext, flow: &Flow) -> Result<i32, c_long> {
-    if let Some(ct) = unsafe { CONNTRACK.get(&flow.tuple) }
+    if let Some(ct) = unsafe { CONNTRACK.get(flow.tuple) }
         && ct.flags & CT_REPLY != 0
-        && let Some(frontend) = unsafe { REV_NAT.get(&ct.rev_nat_id) }
+        && let Some(frontend) = unsafe { REV_NAT.get(ct.rev_nat_id) }
     {
         rewrite(ctx, flow, Side::Source, frontend.address, frontend.port)?;
     }

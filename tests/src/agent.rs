@@ -27,6 +27,7 @@ pub struct Agent {
     child: Child,
     logs: Arc<Mutex<Vec<String>>>,
     bpffs: PathBuf,
+    binary: PathBuf,
 }
 
 /// The agent binary: `NODE_AGENT_BIN`, or the one cargo built next to this test executable.
@@ -36,21 +37,40 @@ pub fn binary() -> PathBuf {
     }
     let exe = std::env::current_exe().expect("current_exe");
     // target/<profile>/deps/<test> → target/<profile>/node-agent
-    let bin = exe.parent().and_then(Path::parent).expect("target dir").join("node-agent");
-    assert!(bin.exists(), "{} is missing: build it first (cargo build -p node-agent; cargo xtask test does)", bin.display());
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("node-agent");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p node-agent; cargo xtask test does)",
+        bin.display()
+    );
     bin
 }
 
 impl Agent {
-    /// `node-agent run` in `node`, waiting until /healthz answers 200.
-    pub fn start(node: &Netns, manifests: &Path, devices: &[String]) -> anyhow::Result<Self> {
+    /// `BINARY run` in `node`, waiting until /healthz answers 200.
+    pub fn start(
+        binary: &Path,
+        node: &Netns,
+        manifests: &Path,
+        devices: &[String],
+    ) -> anyhow::Result<Self> {
         let bpffs = Path::new("/sys/fs/bpf").join(crate::unique("pins"));
         let netns = File::open(node.path())?;
-        let mut command = Command::new(binary());
+        let mut command = Command::new(binary);
         command
             .args(["run", "--manifests"])
             .arg(manifests)
-            .args(["--devices", &devices.join(","), "--health-bind", HEALTH_BIND, "--bpffs"])
+            .args([
+                "--devices",
+                &devices.join(","),
+                "--health-bind",
+                HEALTH_BIND,
+                "--bpffs",
+            ])
             .arg(&bpffs)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -77,7 +97,12 @@ impl Agent {
                 sink.lock().unwrap().push(line);
             }
         });
-        let mut agent = Self { child, logs, bpffs };
+        let mut agent = Self {
+            child,
+            logs,
+            bpffs,
+            binary: binary.to_owned(),
+        };
         agent.wait_healthy(node)?;
         Ok(agent)
     }
@@ -86,13 +111,22 @@ impl Agent {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(status) = self.child.try_wait()? {
-                bail!("node-agent exited with {status} before it was healthy:\n{}", self.logs().join("\n"));
+                bail!(
+                    "node-agent exited with {status} before it was healthy:\n{}",
+                    self.logs().join("\n")
+                );
             }
-            if node.run(|| healthz(HEALTH_BIND))?.is_ok_and(|code| code == 200) {
+            if node
+                .run(|| healthz(HEALTH_BIND))?
+                .is_ok_and(|code| code == 200)
+            {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("node-agent not healthy after {START_TIMEOUT:?}:\n{}", self.logs().join("\n"));
+                bail!(
+                    "node-agent not healthy after {START_TIMEOUT:?}:\n{}",
+                    self.logs().join("\n")
+                );
             }
             thread::sleep(Duration::from_millis(50));
         }
@@ -106,7 +140,10 @@ impl Agent {
     pub fn wait_for_log(&self, needles: &[&str], timeout: Duration) -> Option<String> {
         let deadline = Instant::now() + timeout;
         loop {
-            let found = self.logs().into_iter().find(|l| needles.iter().all(|n| l.contains(n)));
+            let found = self
+                .logs()
+                .into_iter()
+                .find(|l| needles.iter().all(|n| l.contains(n)));
             if found.is_some() || Instant::now() > deadline {
                 return found;
             }
@@ -124,7 +161,10 @@ impl Agent {
 
     /// `node-agent lb list` against this agent's pins.
     pub fn lb_list(&self) -> anyhow::Result<String> {
-        let out = Command::new(binary()).args(["lb", "list", "--bpffs"]).arg(&self.bpffs).output()?;
+        let out = Command::new(&self.binary)
+            .args(["lb", "list", "--bpffs"])
+            .arg(&self.bpffs)
+            .output()?;
         if !out.status.success() {
             bail!("lb list failed: {}", String::from_utf8_lossy(&out.stderr));
         }
@@ -155,7 +195,9 @@ impl Drop for Agent {
         }
         // Pins a killed agent left behind.
         if let Ok(entries) = fs::read_dir(&self.bpffs) {
-            entries.flatten().for_each(|e| drop(fs::remove_file(e.path())));
+            entries
+                .flatten()
+                .for_each(|e| drop(fs::remove_file(e.path())));
             let _ = fs::remove_dir(&self.bpffs);
         }
     }
@@ -168,6 +210,9 @@ fn healthz(addr: &str) -> anyhow::Result<u16> {
     conn.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
     let mut response = String::new();
     conn.read_to_string(&mut response)?;
-    let code = response.split_whitespace().nth(1).context("empty HTTP response")?;
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .context("empty HTTP response")?;
     Ok(code.parse()?)
 }

@@ -24,7 +24,9 @@ pub struct BackendServer {
 impl BackendServer {
     pub fn start(ns: &Netns, name: &str, port: u16) -> anyhow::Result<Self> {
         let any = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-        let (tcp, udp) = ns.run(move || -> std::io::Result<_> { Ok((TcpListener::bind(any)?, UdpSocket::bind(any)?)) })??;
+        let (tcp, udp) = ns.run(move || -> std::io::Result<_> {
+            Ok((TcpListener::bind(any)?, UdpSocket::bind(any)?))
+        })??;
         tcp.set_nonblocking(true)?;
         udp.set_read_timeout(Some(POLL))?;
         let server = Self {
@@ -32,7 +34,11 @@ impl BackendServer {
             tcp_accepted: Arc::default(),
             stop: Arc::default(),
         };
-        let (stop, accepted, reply) = (server.stop.clone(), server.tcp_accepted.clone(), name.to_owned());
+        let (stop, accepted, reply) = (
+            server.stop.clone(),
+            server.tcp_accepted.clone(),
+            name.to_owned(),
+        );
         thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 match tcp.accept() {

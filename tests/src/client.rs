@@ -22,7 +22,10 @@ impl Connection {
         let mut reader = BufReader::new(stream);
         let mut backend = String::new();
         reader.read_line(&mut backend)?;
-        Ok(Self { backend: backend.trim().to_owned(), reader })
+        Ok(Self {
+            backend: backend.trim().to_owned(),
+            reader,
+        })
     }
 
     /// Sends a line and returns the echo.

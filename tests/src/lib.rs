@@ -11,5 +11,9 @@ pub mod topology;
 pub fn unique(tag: &str) -> String {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static N: AtomicUsize = AtomicUsize::new(0);
-    format!("na{}-{}-{tag}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "na{}-{}-{tag}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }

@@ -5,8 +5,10 @@ use serde_json::json;
 
 /// A ClusterIP Service; ports are (name, port, protocol).
 pub fn service(name: &str, cluster_ip: Ipv4Addr, ports: &[(&str, u16, &str)]) -> String {
-    let ports: Vec<_> =
-        ports.iter().map(|(n, p, proto)| json!({"name": n, "port": p, "protocol": proto, "targetPort": n})).collect();
+    let ports: Vec<_> = ports
+        .iter()
+        .map(|(n, p, proto)| json!({"name": n, "port": p, "protocol": proto, "targetPort": n}))
+        .collect();
     yaml(json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": name, "namespace": "default"},
@@ -16,8 +18,16 @@ pub fn service(name: &str, cluster_ip: Ipv4Addr, ports: &[(&str, u16, &str)]) ->
 
 /// An EndpointSlice of `service` with one ready endpoint per address; ports are
 /// (name, port, protocol).
-pub fn endpoint_slice(name: &str, service: &str, ports: &[(&str, u16, &str)], addresses: &[Ipv4Addr]) -> String {
-    let ports: Vec<_> = ports.iter().map(|(n, p, proto)| json!({"name": n, "port": p, "protocol": proto})).collect();
+pub fn endpoint_slice(
+    name: &str,
+    service: &str,
+    ports: &[(&str, u16, &str)],
+    addresses: &[Ipv4Addr],
+) -> String {
+    let ports: Vec<_> = ports
+        .iter()
+        .map(|(n, p, proto)| json!({"name": n, "port": p, "protocol": proto}))
+        .collect();
     let endpoints: Vec<_> = addresses
         .iter()
         .map(|a| json!({"addresses": [a.to_string()], "conditions": {"ready": true, "serving": true, "terminating": false}}))

@@ -1,10 +1,5 @@
 //! A network namespace that exists as long as its guard.
-use std::{
-    fs::File,
-    os::fd::AsFd as _,
-    process::Command,
-    thread,
-};
+use std::{fs::File, os::fd::AsFd as _, process::Command, thread};
 
 use anyhow::{Context as _, bail};
 use nix::sched::{CloneFlags, setns};
@@ -32,19 +27,22 @@ impl Netns {
 
     /// Runs `f` on a thread inside the namespace. Sockets it creates stay in the namespace
     /// wherever they are used afterwards.
-    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
         let file = File::open(self.path()).with_context(|| format!("opening {}", self.path()))?;
-        thread::spawn(move || {
-            setns(file.as_fd(), CloneFlags::CLONE_NEWNET).map(|()| f())
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
-        .with_context(|| format!("entering netns {}", self.name))
+        thread::spawn(move || setns(file.as_fd(), CloneFlags::CLONE_NEWNET).map(|()| f()))
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
+            .with_context(|| format!("entering netns {}", self.name))
     }
 
     /// Runs a command inside the namespace (`ip netns exec`), failing on a non-zero exit.
     pub fn exec(&self, program: &str, args: &[&str]) -> anyhow::Result<()> {
-        run(Command::new("ip").args(["netns", "exec", &self.name, program]).args(args))
+        run(Command::new("ip")
+            .args(["netns", "exec", &self.name, program])
+            .args(args))
     }
 }
 
@@ -62,9 +60,14 @@ pub fn ip(args: &[&str]) -> anyhow::Result<()> {
 }
 
 fn run(command: &mut Command) -> anyhow::Result<()> {
-    let out = command.output().with_context(|| format!("running {command:?}"))?;
+    let out = command
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
     if !out.status.success() {
-        bail!("{command:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }

@@ -29,15 +29,33 @@ impl Topology {
         let client = Netns::new("client")?;
         let node = Netns::new("node")?;
         node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
-        link(&client, "eth0", CLIENT_IP, &node, NODE_CLIENT_DEVICE, Ipv4Addr::new(198, 18, 1, 1))?;
+        link(
+            &client,
+            "eth0",
+            CLIENT_IP,
+            &node,
+            NODE_CLIENT_DEVICE,
+            Ipv4Addr::new(198, 18, 1, 1),
+        )?;
         let mut namespaces = Vec::new();
         for i in 1..=backends {
             let backend = Netns::new(&format!("backend{i}"))?;
             let gateway = Ipv4Addr::new(198, 18, 10 + i as u8, 1);
-            link(&backend, "eth0", backend_ip(i), &node, &format!("nb{i}"), gateway)?;
+            link(
+                &backend,
+                "eth0",
+                backend_ip(i),
+                &node,
+                &format!("nb{i}"),
+                gateway,
+            )?;
             namespaces.push(backend);
         }
-        Ok(Self { client, node, backends: namespaces })
+        Ok(Self {
+            client,
+            node,
+            backends: namespaces,
+        })
     }
 
     /// Every node device: where the datapath attaches.
@@ -50,12 +68,51 @@ impl Topology {
 
 /// A veth between `host`'s `host_dev` (`host_ip`/24, default route via `gateway_ip`) and
 /// `gateway`'s `gateway_dev` (`gateway_ip`/24), with checksum offload off on both ends.
-fn link(host: &Netns, host_dev: &str, host_ip: Ipv4Addr, gateway: &Netns, gateway_dev: &str, gateway_ip: Ipv4Addr) -> anyhow::Result<()> {
-    ip(&["-n", host.name(), "link", "add", host_dev, "type", "veth", "peer", "name", gateway_dev, "netns", gateway.name()])?;
-    for (ns, dev, addr) in [(host, host_dev, host_ip), (gateway, gateway_dev, gateway_ip)] {
-        ip(&["-n", ns.name(), "addr", "add", &format!("{addr}/24"), "dev", dev])?;
+fn link(
+    host: &Netns,
+    host_dev: &str,
+    host_ip: Ipv4Addr,
+    gateway: &Netns,
+    gateway_dev: &str,
+    gateway_ip: Ipv4Addr,
+) -> anyhow::Result<()> {
+    ip(&[
+        "-n",
+        host.name(),
+        "link",
+        "add",
+        host_dev,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        gateway_dev,
+        "netns",
+        gateway.name(),
+    ])?;
+    for (ns, dev, addr) in [
+        (host, host_dev, host_ip),
+        (gateway, gateway_dev, gateway_ip),
+    ] {
+        ip(&[
+            "-n",
+            ns.name(),
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            dev,
+        ])?;
         ip(&["-n", ns.name(), "link", "set", dev, "up"])?;
         ns.exec("ethtool", &["-K", dev, "tx", "off", "rx", "off"])?;
     }
-    ip(&["-n", host.name(), "route", "add", "default", "via", &gateway_ip.to_string()])
+    ip(&[
+        "-n",
+        host.name(),
+        "route",
+        "add",
+        "default",
+        "via",
+        &gateway_ip.to_string(),
+    ])
 }

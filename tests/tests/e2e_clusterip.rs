@@ -10,7 +10,7 @@ use std::{
 };
 
 use node_agent_tests::{
-    agent::Agent,
+    agent::{Agent, binary},
     backend::BackendServer,
     client::{Connection, tcp_spread, udp_spread},
     manifest::{endpoint_slice, service},
@@ -34,7 +34,12 @@ struct Node {
 /// Service `web` with 80/TCP ("http") and 80/UDP ("echo"), backed by `backends` (1-based).
 fn web_slice(backends: &[usize]) -> String {
     let ips: Vec<Ipv4Addr> = backends.iter().map(|&i| backend_ip(i)).collect();
-    endpoint_slice("web-1", "web", &[("http", BACKEND_PORT, "TCP"), ("echo", BACKEND_PORT, "UDP")], &ips)
+    endpoint_slice(
+        "web-1",
+        "web",
+        &[("http", BACKEND_PORT, "TCP"), ("echo", BACKEND_PORT, "UDP")],
+        &ips,
+    )
 }
 
 /// Writes through a rename, as editors and config tools do, so the agent never reads half a file.
@@ -47,21 +52,53 @@ fn write_manifest(dir: &Path, name: &str, text: &str) {
 fn start() -> Node {
     let topology = Topology::new(3).unwrap();
     let servers = (1..=3)
-        .map(|i| BackendServer::start(&topology.backends[i - 1], &format!("backend-{i}"), BACKEND_PORT).unwrap())
+        .map(|i| {
+            BackendServer::start(
+                &topology.backends[i - 1],
+                &format!("backend-{i}"),
+                BACKEND_PORT,
+            )
+            .unwrap()
+        })
         .collect();
     let manifests = tempfile::tempdir().unwrap();
-    write_manifest(manifests.path(), "web.yaml", &service("web", VIP, &[("http", 80, "TCP"), ("echo", 80, "UDP")]));
+    write_manifest(
+        manifests.path(),
+        "web.yaml",
+        &service("web", VIP, &[("http", 80, "TCP"), ("echo", 80, "UDP")]),
+    );
     write_manifest(manifests.path(), "web-slice.yaml", &web_slice(&[1, 2, 3]));
-    let agent = Agent::start(&topology.node, manifests.path(), &topology.node_devices()).unwrap();
-    Node { agent, servers, manifests, topology }
+    let agent = Agent::start(
+        &binary(),
+        &topology.node,
+        manifests.path(),
+        &topology.node_devices(),
+    )
+    .unwrap();
+    Node {
+        agent,
+        servers,
+        manifests,
+        topology,
+    }
 }
 
 fn assert_spread(what: &str, counts: &BTreeMap<String, usize>, total: usize, backends: &[&str]) {
-    let ok: usize = backends.iter().map(|b| counts.get(*b).copied().unwrap_or(0)).sum();
-    assert_eq!(ok, total, "{what}: every flow must reach one of {backends:?}: {counts:?}");
+    let ok: usize = backends
+        .iter()
+        .map(|b| counts.get(*b).copied().unwrap_or(0))
+        .sum();
+    assert_eq!(
+        ok, total,
+        "{what}: every flow must reach one of {backends:?}: {counts:?}"
+    );
     for b in backends {
         let share = counts.get(*b).copied().unwrap_or(0) as f64 / total as f64;
-        assert!(share >= 0.15, "{what}: {b} got {:.0}% of the flows: {counts:?}", share * 100.0);
+        assert!(
+            share >= 0.15,
+            "{what}: {b} got {:.0}% of the flows: {counts:?}",
+            share * 100.0
+        );
     }
 }
 
@@ -69,22 +106,40 @@ fn assert_spread(what: &str, counts: &BTreeMap<String, usize>, total: usize, bac
 fn tcp_and_udp_to_a_clusterip_spread_over_every_backend() {
     let mut node = start();
     let all = ["backend-1", "backend-2", "backend-3"];
-    let tcp = node.topology.client.run(|| tcp_spread(FRONTEND, 300)).unwrap();
+    let tcp = node
+        .topology
+        .client
+        .run(|| tcp_spread(FRONTEND, 300))
+        .unwrap();
     assert_spread("TCP", &tcp, 300, &all);
-    let udp = node.topology.client.run(|| udp_spread(FRONTEND, 300)).unwrap();
+    let udp = node
+        .topology
+        .client
+        .run(|| udp_spread(FRONTEND, 300))
+        .unwrap();
     assert_spread("UDP", &udp, 300, &all);
 
     let list = node.agent.lb_list().unwrap();
     for line in ["198.19.0.10:80/TCP", "198.19.0.10:80/UDP"] {
-        let row = list.lines().find(|l| l.starts_with(line)).unwrap_or_else(|| panic!("no {line} in:\n{list}"));
+        let row = list
+            .lines()
+            .find(|l| l.starts_with(line))
+            .unwrap_or_else(|| panic!("no {line} in:\n{list}"));
         for i in 1..=3 {
-            assert!(row.contains(&format!("{}:{BACKEND_PORT}", backend_ip(i))), "{row}");
+            assert!(
+                row.contains(&format!("{}:{BACKEND_PORT}", backend_ip(i))),
+                "{row}"
+            );
         }
     }
 
     let status = node.agent.stop().unwrap();
     assert!(status.success(), "SIGTERM must exit 0, got {status}");
-    assert!(!node.agent.bpffs().exists(), "pins left at {}", node.agent.bpffs().display());
+    assert!(
+        !node.agent.bpffs().exists(),
+        "pins left at {}",
+        node.agent.bpffs().display()
+    );
 }
 
 #[test]
@@ -94,10 +149,12 @@ fn removing_an_endpoint_moves_new_flows_within_a_second_and_keeps_established_on
     let mut long_lived = node
         .topology
         .client
-        .run(|| loop {
-            let conn = Connection::open(FRONTEND).unwrap();
-            if conn.backend != "backend-3" {
-                break conn;
+        .run(|| {
+            loop {
+                let conn = Connection::open(FRONTEND).unwrap();
+                if conn.backend != "backend-3" {
+                    break conn;
+                }
             }
         })
         .unwrap();
@@ -106,10 +163,22 @@ fn removing_an_endpoint_moves_new_flows_within_a_second_and_keeps_established_on
     write_manifest(node.manifests.path(), "web-slice.yaml", &web_slice(&[1, 2]));
     thread::sleep(PROGRAMMING_BOUND);
 
-    let tcp = node.topology.client.run(|| tcp_spread(FRONTEND, 100)).unwrap();
+    let tcp = node
+        .topology
+        .client
+        .run(|| tcp_spread(FRONTEND, 100))
+        .unwrap();
     assert_spread("TCP after removal", &tcp, 100, &["backend-1", "backend-2"]);
-    assert_eq!(node.servers[2].tcp_accepted(), removed_before, "backend-3 still accepted connections");
-    let udp = node.topology.client.run(|| udp_spread(FRONTEND, 100)).unwrap();
+    assert_eq!(
+        node.servers[2].tcp_accepted(),
+        removed_before,
+        "backend-3 still accepted connections"
+    );
+    let udp = node
+        .topology
+        .client
+        .run(|| udp_spread(FRONTEND, 100))
+        .unwrap();
     assert_spread("UDP after removal", &udp, 100, &["backend-1", "backend-2"]);
     assert_eq!(long_lived.echo("still there?").unwrap(), "still there?");
 }
@@ -117,19 +186,50 @@ fn removing_an_endpoint_moves_new_flows_within_a_second_and_keeps_established_on
 #[test]
 fn deleting_the_service_stops_all_traffic_to_its_clusterip() {
     let node = start();
-    assert_eq!(node.topology.client.run(|| tcp_spread(FRONTEND, 10)).unwrap().values().sum::<usize>(), 10);
-    let accepted = |n: &Node| n.servers.iter().map(BackendServer::tcp_accepted).sum::<usize>();
+    assert_eq!(
+        node.topology
+            .client
+            .run(|| tcp_spread(FRONTEND, 10))
+            .unwrap()
+            .values()
+            .sum::<usize>(),
+        10
+    );
+    let accepted = |n: &Node| {
+        n.servers
+            .iter()
+            .map(BackendServer::tcp_accepted)
+            .sum::<usize>()
+    };
     let before = accepted(&node);
 
     fs::remove_file(node.manifests.path().join("web.yaml")).unwrap();
     thread::sleep(PROGRAMMING_BOUND);
 
     // Unanswered attempts wait out their timeout (the node rate-limits its ICMP errors): keep few.
-    let tcp = node.topology.client.run(|| tcp_spread(FRONTEND, 5)).unwrap();
-    assert!(tcp.keys().all(|k| k.starts_with("error")), "connections still answered: {tcp:?}");
-    let udp = node.topology.client.run(|| udp_spread(FRONTEND, 5)).unwrap();
-    assert!(udp.keys().all(|k| k.starts_with("error")), "datagrams still answered: {udp:?}");
-    assert_eq!(accepted(&node), before, "a backend accepted a connection to the deleted Service");
+    let tcp = node
+        .topology
+        .client
+        .run(|| tcp_spread(FRONTEND, 5))
+        .unwrap();
+    assert!(
+        tcp.keys().all(|k| k.starts_with("error")),
+        "connections still answered: {tcp:?}"
+    );
+    let udp = node
+        .topology
+        .client
+        .run(|| udp_spread(FRONTEND, 5))
+        .unwrap();
+    assert!(
+        udp.keys().all(|k| k.starts_with("error")),
+        "datagrams still answered: {udp:?}"
+    );
+    assert_eq!(
+        accepted(&node),
+        before,
+        "a backend accepted a connection to the deleted Service"
+    );
     assert!(!node.agent.lb_list().unwrap().contains("198.19.0.10"));
 }
 
@@ -137,18 +237,54 @@ fn deleting_the_service_stops_all_traffic_to_its_clusterip() {
 fn a_malformed_manifest_is_reported_and_everything_else_keeps_working() {
     let mut node = start();
     let dir = node.manifests.path();
-    write_manifest(dir, "broken.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: [unclosed\n");
-    write_manifest(dir, "bad-port.yaml", &service("bad-port", Ipv4Addr::new(198, 19, 0, 11), &[("http", 0, "TCP")]));
+    write_manifest(
+        dir,
+        "broken.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: [unclosed\n",
+    );
+    write_manifest(
+        dir,
+        "bad-port.yaml",
+        &service(
+            "bad-port",
+            Ipv4Addr::new(198, 19, 0, 11),
+            &[("http", 0, "TCP")],
+        ),
+    );
 
     let wait = Duration::from_secs(5);
     let logs = || node.agent.logs().join("\n");
-    assert!(node.agent.wait_for_log(&["broken.yaml", "invalid YAML"], wait).is_some(), "{}", logs());
     assert!(
-        node.agent.wait_for_log(&["Service default/bad-port", "spec.ports[0].port", "0 is not in 1-65535"], wait).is_some(),
+        node.agent
+            .wait_for_log(&["broken.yaml", "invalid YAML"], wait)
+            .is_some(),
+        "{}",
+        logs()
+    );
+    assert!(
+        node.agent
+            .wait_for_log(
+                &[
+                    "Service default/bad-port",
+                    "spec.ports[0].port",
+                    "0 is not in 1-65535"
+                ],
+                wait
+            )
+            .is_some(),
         "{}",
         logs()
     );
     assert!(node.agent.is_running());
-    let tcp = node.topology.client.run(|| tcp_spread(FRONTEND, 30)).unwrap();
-    assert_spread("TCP with a malformed neighbour", &tcp, 30, &["backend-1", "backend-2", "backend-3"]);
+    let tcp = node
+        .topology
+        .client
+        .run(|| tcp_spread(FRONTEND, 30))
+        .unwrap();
+    assert_spread(
+        "TCP with a malformed neighbour",
+        &tcp,
+        30,
+        &["backend-1", "backend-2", "backend-3"],
+    );
 }

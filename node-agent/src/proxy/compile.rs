@@ -38,7 +38,11 @@ struct IdTable<K> {
 
 impl<K> Default for IdTable<K> {
     fn default() -> Self {
-        Self { ids: BTreeMap::new(), used: BTreeSet::new(), last: 0 }
+        Self {
+            ids: BTreeMap::new(),
+            used: BTreeSet::new(),
+            last: 0,
+        }
     }
 }
 
@@ -138,7 +142,8 @@ pub fn compile(cluster: &Cluster, previous: &Ids) -> Compiled {
             }
             owners.insert(frontend, name);
 
-            let mut backends: Vec<Backend> = backends_of(&port, slices.get(name)).into_iter().collect();
+            let mut backends: Vec<Backend> =
+                backends_of(&port, slices.get(name)).into_iter().collect();
             if backends.len() > MAX_BACKENDS_PER_SERVICE {
                 errors.push(ObjectError::new(
                     "Service",
@@ -151,32 +156,59 @@ pub fn compile(cluster: &Cluster, previous: &Ids) -> Compiled {
                 backends.truncate(MAX_BACKENDS_PER_SERVICE);
             }
 
-            let Some(rev_nat_id) =
-                ids.rev_nat.get(frontend, &previous.rev_nat, u32::from(u16::MAX), REV_NAT_MAX_ENTRIES)
-            else {
-                errors.push(ObjectError::new("Service", name, format!("{frontend}: the reverse-NAT map is full")));
+            let Some(rev_nat_id) = ids.rev_nat.get(
+                frontend,
+                &previous.rev_nat,
+                u32::from(u16::MAX),
+                REV_NAT_MAX_ENTRIES,
+            ) else {
+                errors.push(ObjectError::new(
+                    "Service",
+                    name,
+                    format!("{frontend}: the reverse-NAT map is full"),
+                ));
                 continue;
             };
             let rev_nat_id = rev_nat_id as u16;
             let mut slots = Vec::with_capacity(backends.len());
             for backend in backends {
-                match ids.backends.get(backend, &previous.backends, u32::MAX, BACKENDS_MAX_ENTRIES) {
+                match ids
+                    .backends
+                    .get(backend, &previous.backends, u32::MAX, BACKENDS_MAX_ENTRIES)
+                {
                     Some(id) => slots.push((id, backend)),
                     None => errors.push(ObjectError::new(
                         "Service",
                         name,
-                        format!("{frontend}: the backend map is full; {}:{} left out", backend.ip(), backend.host_port()),
+                        format!(
+                            "{frontend}: the backend map is full; {}:{} left out",
+                            backend.ip(),
+                            backend.host_port()
+                        ),
                     )),
                 }
             }
-            state.rev_nat.insert(rev_nat_id, RevNat::new(frontend.ip, frontend.port));
+            state
+                .rev_nat
+                .insert(rev_nat_id, RevNat::new(frontend.ip, frontend.port));
             state.services.insert(
                 frontend.key(0),
-                ServiceValue { backend_id: 0, count: slots.len() as u16, rev_nat_id },
+                ServiceValue {
+                    backend_id: 0,
+                    count: slots.len() as u16,
+                    rev_nat_id,
+                },
             );
             for (slot, (id, backend)) in (1..).zip(slots) {
                 state.backends.insert(id, backend);
-                state.services.insert(frontend.key(slot), ServiceValue { backend_id: id, count: 0, rev_nat_id });
+                state.services.insert(
+                    frontend.key(slot),
+                    ServiceValue {
+                        backend_id: id,
+                        count: 0,
+                        rev_nat_id,
+                    },
+                );
             }
         }
     }
@@ -188,8 +220,17 @@ pub fn compile(cluster: &Cluster, previous: &Ids) -> Compiled {
 fn backends_of(port: &ServicePort, slices: Option<&Vec<SliceBackends>>) -> BTreeSet<Backend> {
     let mut backends = BTreeSet::new();
     for slice in slices.into_iter().flatten() {
-        for p in slice.ports.iter().filter(|p| p.name == port.name && p.proto == port.frontend.proto) {
-            backends.extend(slice.ready.iter().map(|&ip| Backend::new(ip, p.port, p.proto)));
+        for p in slice
+            .ports
+            .iter()
+            .filter(|p| p.name == port.name && p.proto == port.frontend.proto)
+        {
+            backends.extend(
+                slice
+                    .ready
+                    .iter()
+                    .map(|&ip| Backend::new(ip, p.port, p.proto)),
+            );
         }
     }
     backends
@@ -203,7 +244,12 @@ fn slices_by_service(
     let mut by_service: BTreeMap<ObjectName, Vec<SliceBackends>> = BTreeMap::new();
     for (name, slice) in &cluster.endpoint_slices {
         // Slices not managed for a Service, and IPv6/FQDN slices, are not ours to program.
-        let Some(service) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
+        let Some(service) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        else {
             continue;
         };
         if slice.address_type != "IPv4" {
@@ -211,7 +257,10 @@ fn slices_by_service(
         }
         match slice_backends(slice) {
             Ok(backends) => by_service
-                .entry(ObjectName { namespace: name.namespace.clone(), name: service.clone() })
+                .entry(ObjectName {
+                    namespace: name.namespace.clone(),
+                    name: service.clone(),
+                })
                 .or_default()
                 .push(backends),
             Err(reason) => errors.push(ObjectError::new("EndpointSlice", name, reason)),
@@ -229,18 +278,17 @@ fn slice_backends(slice: &EndpointSlice) -> Result<SliceBackends, String> {
         ports.push(SlicePort {
             name: p.name.clone().unwrap_or_default(),
             port: port_number(number).map_err(|e| format!("ports[{i}].port: {e}"))?,
-            proto: protocol(p.protocol.as_deref()).map_err(|e| format!("ports[{i}].protocol: {e}"))?,
+            proto: protocol(p.protocol.as_deref())
+                .map_err(|e| format!("ports[{i}].protocol: {e}"))?,
         });
     }
     let mut ready = Vec::new();
     for (i, endpoint) in slice.endpoints.iter().flatten().enumerate() {
         let mut addresses = Vec::with_capacity(endpoint.addresses.len());
         for (j, address) in endpoint.addresses.iter().enumerate() {
-            addresses.push(
-                address
-                    .parse::<Ipv4Addr>()
-                    .map_err(|_| format!("endpoints[{i}].addresses[{j}]: {address:?} is not an IPv4 address"))?,
-            );
+            addresses.push(address.parse::<Ipv4Addr>().map_err(|_| {
+                format!("endpoints[{i}].addresses[{j}]: {address:?} is not an IPv4 address")
+            })?);
         }
         // Kubernetes: a missing `ready` condition means ready.
         if endpoint.conditions.as_ref().and_then(|c| c.ready) != Some(false) {
@@ -262,7 +310,11 @@ fn service_ports(service: &Service) -> Result<Vec<ServicePort>, String> {
         None | Some("") | Some("None") => return Ok(Vec::new()),
         Some(ip) => match ip.parse::<IpAddr>() {
             Ok(IpAddr::V4(ip)) => ip,
-            Ok(IpAddr::V6(_)) => return Err(format!("spec.clusterIP: {ip}: IPv6 Services are not supported yet")),
+            Ok(IpAddr::V6(_)) => {
+                return Err(format!(
+                    "spec.clusterIP: {ip}: IPv6 Services are not supported yet"
+                ));
+            }
             Err(_) => return Err(format!("spec.clusterIP: {ip:?} is not an IP address")),
         },
     };
@@ -279,7 +331,8 @@ fn service_ports(service: &Service) -> Result<Vec<ServicePort>, String> {
                 frontend: Frontend {
                     ip,
                     port: port_number(p.port).map_err(|e| format!("spec.ports[{i}].port: {e}"))?,
-                    proto: protocol(p.protocol.as_deref()).map_err(|e| format!("spec.ports[{i}].protocol: {e}"))?,
+                    proto: protocol(p.protocol.as_deref())
+                        .map_err(|e| format!("spec.ports[{i}].protocol: {e}"))?,
                 },
             })
         })
@@ -310,13 +363,20 @@ mod tests {
     use super::*;
 
     fn name(name: &str) -> ObjectName {
-        ObjectName { namespace: "default".into(), name: name.into() }
+        ObjectName {
+            namespace: "default".into(),
+            name: name.into(),
+        }
     }
 
     /// A Service as a user writes it: ports are (name, port, protocol).
     fn service(svc: &str, cluster_ip: &str, ports: &[(&str, i32, &str)]) -> (ObjectName, Service) {
-        let ports: Vec<_> =
-            ports.iter().map(|(n, p, proto)| json!({"name": n, "port": p, "protocol": proto, "targetPort": "x"})).collect();
+        let ports: Vec<_> = ports
+            .iter()
+            .map(
+                |(n, p, proto)| json!({"name": n, "port": p, "protocol": proto, "targetPort": "x"}),
+            )
+            .collect();
         let obj = json!({
             "apiVersion": "v1", "kind": "Service",
             "metadata": {"name": svc, "namespace": "default"},
@@ -332,7 +392,10 @@ mod tests {
         ports: &[(&str, i32, &str)],
         endpoints: &[(&str, Option<bool>)],
     ) -> (ObjectName, EndpointSlice) {
-        let ports: Vec<_> = ports.iter().map(|(n, p, proto)| json!({"name": n, "port": p, "protocol": proto})).collect();
+        let ports: Vec<_> = ports
+            .iter()
+            .map(|(n, p, proto)| json!({"name": n, "port": p, "protocol": proto}))
+            .collect();
         let endpoints: Vec<_> = endpoints
             .iter()
             .map(|(a, ready)| json!({"addresses": [a], "conditions": {"ready": ready}}))
@@ -345,8 +408,14 @@ mod tests {
         (name(slice), serde_json::from_value(obj).unwrap())
     }
 
-    fn cluster(services: Vec<(ObjectName, Service)>, slices: Vec<(ObjectName, EndpointSlice)>) -> Cluster {
-        Cluster { services: services.into_iter().collect(), endpoint_slices: slices.into_iter().collect() }
+    fn cluster(
+        services: Vec<(ObjectName, Service)>,
+        slices: Vec<(ObjectName, EndpointSlice)>,
+    ) -> Cluster {
+        Cluster {
+            services: services.into_iter().collect(),
+            endpoint_slices: slices.into_iter().collect(),
+        }
     }
 
     /// What the compiled maps say, readably: "frontend -> [backend ip:port, ...]" per frontend,
@@ -378,7 +447,12 @@ mod tests {
                 "ClusterIP with two ready endpoints",
                 cluster(
                     vec![service("web", "10.96.0.10", &http)],
-                    vec![slice("web-1", "web", &http_ep, &[("10.0.0.1", Some(true)), ("10.0.0.2", None)])],
+                    vec![slice(
+                        "web-1",
+                        "web",
+                        &http_ep,
+                        &[("10.0.0.1", Some(true)), ("10.0.0.2", None)],
+                    )],
                 ),
                 vec!["10.96.0.10:80/TCP -> [10.0.0.1:8080, 10.0.0.2:8080]"],
                 vec![],
@@ -387,7 +461,12 @@ mod tests {
                 "not-ready endpoints are excluded",
                 cluster(
                     vec![service("web", "10.96.0.10", &http)],
-                    vec![slice("web-1", "web", &http_ep, &[("10.0.0.1", Some(false)), ("10.0.0.2", Some(true))])],
+                    vec![slice(
+                        "web-1",
+                        "web",
+                        &http_ep,
+                        &[("10.0.0.1", Some(false)), ("10.0.0.2", Some(true))],
+                    )],
                 ),
                 vec!["10.96.0.10:80/TCP -> [10.0.0.2:8080]"],
                 vec![],
@@ -395,13 +474,30 @@ mod tests {
             (
                 "ports are matched by name and protocol across slices",
                 cluster(
-                    vec![service("dns", "10.96.0.53", &[("dns", 53, "UDP"), ("dns-tcp", 53, "TCP")])],
+                    vec![service(
+                        "dns",
+                        "10.96.0.53",
+                        &[("dns", 53, "UDP"), ("dns-tcp", 53, "TCP")],
+                    )],
                     vec![
-                        slice("dns-1", "dns", &[("dns-tcp", 5353, "TCP"), ("dns", 5300, "UDP")], &[("10.0.0.1", None)]),
-                        slice("dns-2", "dns", &[("dns", 5300, "UDP")], &[("10.0.0.2", None)]),
+                        slice(
+                            "dns-1",
+                            "dns",
+                            &[("dns-tcp", 5353, "TCP"), ("dns", 5300, "UDP")],
+                            &[("10.0.0.1", None)],
+                        ),
+                        slice(
+                            "dns-2",
+                            "dns",
+                            &[("dns", 5300, "UDP")],
+                            &[("10.0.0.2", None)],
+                        ),
                     ],
                 ),
-                vec!["10.96.0.53:53/TCP -> [10.0.0.1:5353]", "10.96.0.53:53/UDP -> [10.0.0.1:5300, 10.0.0.2:5300]"],
+                vec![
+                    "10.96.0.53:53/TCP -> [10.0.0.1:5353]",
+                    "10.96.0.53:53/UDP -> [10.0.0.1:5300, 10.0.0.2:5300]",
+                ],
                 vec![],
             ),
             (
@@ -424,7 +520,10 @@ mod tests {
             ),
             (
                 "headless Services are not programmed",
-                cluster(vec![service("db", "None", &http)], vec![slice("db-1", "db", &http_ep, &[("10.0.0.1", None)])]),
+                cluster(
+                    vec![service("db", "None", &http)],
+                    vec![slice("db-1", "db", &http_ep, &[("10.0.0.1", None)])],
+                ),
                 vec![],
                 vec![],
             ),
@@ -458,16 +557,26 @@ mod tests {
                     ],
                 ),
                 vec!["10.96.0.10:80/TCP -> [10.0.0.1:8080]"],
-                vec!["EndpointSlice default/web-bad: endpoints[0].addresses[0]: \"10.0.0.999\" is not an IPv4 address"],
+                vec![
+                    "EndpointSlice default/web-bad: endpoints[0].addresses[0]: \"10.0.0.999\" is not an IPv4 address",
+                ],
             ),
             (
                 "two Services claiming one frontend: the first keeps it",
                 cluster(
-                    vec![service("a", "10.96.0.10", &http), service("b", "10.96.0.10", &http)],
-                    vec![slice("a-1", "a", &http_ep, &[("10.0.0.1", None)]), slice("b-1", "b", &http_ep, &[("10.0.0.2", None)])],
+                    vec![
+                        service("a", "10.96.0.10", &http),
+                        service("b", "10.96.0.10", &http),
+                    ],
+                    vec![
+                        slice("a-1", "a", &http_ep, &[("10.0.0.1", None)]),
+                        slice("b-1", "b", &http_ep, &[("10.0.0.2", None)]),
+                    ],
                 ),
                 vec!["10.96.0.10:80/TCP -> [10.0.0.1:8080]"],
-                vec!["Service default/b: 10.96.0.10:80/TCP is already used by Service default/a; ignoring this port"],
+                vec![
+                    "Service default/b: 10.96.0.10:80/TCP is already used by Service default/a; ignoring this port",
+                ],
             ),
         ];
         for (name, cluster, want, want_errors) in cases {
@@ -481,7 +590,10 @@ mod tests {
     #[test]
     fn services_sharing_a_backend_share_its_entry() {
         let c = cluster(
-            vec![service("a", "10.96.0.10", &[("", 80, "TCP")]), service("b", "10.96.0.11", &[("", 80, "TCP")])],
+            vec![
+                service("a", "10.96.0.10", &[("", 80, "TCP")]),
+                service("b", "10.96.0.11", &[("", 80, "TCP")]),
+            ],
             vec![
                 slice("a-1", "a", &[("", 8080, "TCP")], &[("10.0.0.1", None)]),
                 slice("b-1", "b", &[("", 8080, "TCP")], &[("10.0.0.1", None)]),
@@ -489,21 +601,41 @@ mod tests {
         );
         let out = compile(&c, &Ids::default());
         assert_eq!(out.state.backends.len(), 1);
-        let ids: BTreeSet<u32> = out.state.services.values().filter(|v| v.backend_id != 0).map(|v| v.backend_id).collect();
+        let ids: BTreeSet<u32> = out
+            .state
+            .services
+            .values()
+            .filter(|v| v.backend_id != 0)
+            .map(|v| v.backend_id)
+            .collect();
         assert_eq!(ids.len(), 1, "both Services' slots name the one backend");
-        assert_eq!(out.state.rev_nat.len(), 2, "each frontend has its own reverse-NAT entry");
+        assert_eq!(
+            out.state.rev_nat.len(),
+            2,
+            "each frontend has its own reverse-NAT entry"
+        );
     }
 
     #[test]
     fn ids_are_stable_and_not_reused_soon() {
         let ep = [("", 8080, "TCP")];
         let with = |eps: &[(&str, Option<bool>)]| {
-            cluster(vec![service("web", "10.96.0.10", &[("", 80, "TCP")])], vec![slice("web-1", "web", &ep, eps)])
+            cluster(
+                vec![service("web", "10.96.0.10", &[("", 80, "TCP")])],
+                vec![slice("web-1", "web", &ep, eps)],
+            )
         };
-        let first = compile(&with(&[("10.0.0.1", None), ("10.0.0.2", None)]), &Ids::default());
+        let first = compile(
+            &with(&[("10.0.0.1", None), ("10.0.0.2", None)]),
+            &Ids::default(),
+        );
         let id_of = |out: &Compiled, ip: &str| {
             let ip: Ipv4Addr = ip.parse().unwrap();
-            out.state.backends.iter().find(|(_, b)| b.ip() == ip).map(|(&id, _)| id)
+            out.state
+                .backends
+                .iter()
+                .find(|(_, b)| b.ip() == ip)
+                .map(|(&id, _)| id)
         };
         let one = id_of(&first, "10.0.0.1").unwrap();
         let two = id_of(&first, "10.0.0.2").unwrap();
@@ -513,23 +645,37 @@ mod tests {
         let three = id_of(&second, "10.0.0.3").unwrap();
         assert_ne!(three, two);
         assert_ne!(three, one);
-        assert_eq!(second.state.rev_nat.keys().collect::<Vec<_>>(), first.state.rev_nat.keys().collect::<Vec<_>>());
+        assert_eq!(
+            second.state.rev_nat.keys().collect::<Vec<_>>(),
+            first.state.rev_nat.keys().collect::<Vec<_>>()
+        );
     }
 
     #[test]
     fn oversized_endpoint_slice_is_reported_not_silently_truncated() {
         let n = MAX_BACKENDS_PER_SERVICE + 10;
-        let addresses: Vec<String> = (0..n).map(|i| format!("10.1.{}.{}", i / 250, i % 250 + 1)).collect();
+        let addresses: Vec<String> = (0..n)
+            .map(|i| format!("10.1.{}.{}", i / 250, i % 250 + 1))
+            .collect();
         let eps: Vec<(&str, Option<bool>)> = addresses.iter().map(|a| (a.as_str(), None)).collect();
         let c = cluster(
             vec![service("big", "10.96.0.10", &[("", 80, "TCP")])],
             vec![slice("big-1", "big", &[("", 8080, "TCP")], &eps)],
         );
         let out = compile(&c, &Ids::default());
-        let master = out.state.services.iter().find(|(k, _)| k.slot == 0).unwrap().1;
+        let master = out
+            .state
+            .services
+            .iter()
+            .find(|(k, _)| k.slot == 0)
+            .unwrap()
+            .1;
         assert_eq!(usize::from(master.count), MAX_BACKENDS_PER_SERVICE);
         assert_eq!(out.errors.len(), 1);
         let error = out.errors[0].to_string();
-        assert!(error.starts_with("Service default/big: 10.96.0.10:80/TCP has 4106 ready backends"), "{error}");
+        assert!(
+            error.starts_with("Service default/big: 10.96.0.10:80/TCP has 4106 ready backends"),
+            "{error}"
+        );
     }
 }

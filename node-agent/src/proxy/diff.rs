@@ -9,16 +9,30 @@ pub fn diff(applied: &MapState, desired: &MapState) -> Vec<MapOp> {
     let mut ops = Vec::new();
     let is_master = |slot: u16| slot == 0;
     // Backends and reverse-NAT entries first: slots and masters name them.
-    ops.extend(changed(&applied.backends, &desired.backends).map(|(&id, &b)| MapOp::PutBackend(id, b)));
-    ops.extend(changed(&applied.rev_nat, &desired.rev_nat).map(|(&id, &r)| MapOp::PutRevNat(id, r)));
+    ops.extend(
+        changed(&applied.backends, &desired.backends).map(|(&id, &b)| MapOp::PutBackend(id, b)),
+    );
+    ops.extend(
+        changed(&applied.rev_nat, &desired.rev_nat).map(|(&id, &r)| MapOp::PutRevNat(id, r)),
+    );
     // Slots before masters: a master never counts a slot that is not written yet.
     let puts = changed(&applied.services, &desired.services);
     let (masters, slots): (Vec<_>, Vec<_>) = puts.partition(|(key, _)| is_master(key.slot));
-    ops.extend(slots.into_iter().chain(masters).map(|(&k, &v)| MapOp::PutService(k, v)));
+    ops.extend(
+        slots
+            .into_iter()
+            .chain(masters)
+            .map(|(&k, &v)| MapOp::PutService(k, v)),
+    );
     // Masters before slots: a removed Service stops matching before its slots go.
     let (masters, slots): (Vec<_>, Vec<_>) =
         removed(&applied.services, &desired.services).partition(|key| is_master(key.slot));
-    ops.extend(masters.into_iter().chain(slots).map(|&k| MapOp::DeleteService(k)));
+    ops.extend(
+        masters
+            .into_iter()
+            .chain(slots)
+            .map(|&k| MapOp::DeleteService(k)),
+    );
     ops.extend(removed(&applied.rev_nat, &desired.rev_nat).map(|&id| MapOp::DeleteRevNat(id)));
     ops.extend(removed(&applied.backends, &desired.backends).map(|&id| MapOp::DeleteBackend(id)));
     ops
@@ -63,20 +77,48 @@ mod tests {
     fn web(ids: &[u32]) -> MapState {
         let mut s = MapState::default();
         s.rev_nat.insert(1, RevNat::new(WEB.ip, WEB.port));
-        s.services.insert(WEB.key(0), ServiceValue { backend_id: 0, count: ids.len() as u16, rev_nat_id: 1 });
+        s.services.insert(
+            WEB.key(0),
+            ServiceValue {
+                backend_id: 0,
+                count: ids.len() as u16,
+                rev_nat_id: 1,
+            },
+        );
         for (slot, &id) in ids.iter().enumerate() {
             s.backends.insert(id, backend(id as u8));
-            s.services.insert(WEB.key(slot as u16 + 1), ServiceValue { backend_id: id, count: 0, rev_nat_id: 1 });
+            s.services.insert(
+                WEB.key(slot as u16 + 1),
+                ServiceValue {
+                    backend_id: id,
+                    count: 0,
+                    rev_nat_id: 1,
+                },
+            );
         }
         s
     }
 
     fn slot(n: u16, id: u32) -> MapOp {
-        MapOp::PutService(WEB.key(n), ServiceValue { backend_id: id, count: 0, rev_nat_id: 1 })
+        MapOp::PutService(
+            WEB.key(n),
+            ServiceValue {
+                backend_id: id,
+                count: 0,
+                rev_nat_id: 1,
+            },
+        )
     }
 
     fn master(count: u16) -> MapOp {
-        MapOp::PutService(WEB.key(0), ServiceValue { backend_id: 0, count, rev_nat_id: 1 })
+        MapOp::PutService(
+            WEB.key(0),
+            ServiceValue {
+                backend_id: 0,
+                count,
+                rev_nat_id: 1,
+            },
+        )
     }
 
     #[test]
@@ -107,7 +149,12 @@ mod tests {
                 "shrink from the middle: slot rewritten, count lowered, then the last slot and the backend go",
                 web(&[1, 2, 3]),
                 web(&[1, 3]),
-                vec![slot(2, 3), master(2), MapOp::DeleteService(WEB.key(3)), MapOp::DeleteBackend(2)],
+                vec![
+                    slot(2, 3),
+                    master(2),
+                    MapOp::DeleteService(WEB.key(3)),
+                    MapOp::DeleteBackend(2),
+                ],
             ),
             (
                 "remove: master, then slots, reverse NAT and backends",
@@ -128,7 +175,10 @@ mod tests {
             assert_eq!(ops, want, "{name}");
             let mut after = applied.clone();
             ops.iter().for_each(|op| after.apply(op));
-            assert_eq!(after, desired, "{name}: applying the diff reaches the desired state");
+            assert_eq!(
+                after, desired,
+                "{name}: applying the diff reaches the desired state"
+            );
         }
     }
 }

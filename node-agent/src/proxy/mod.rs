@@ -31,7 +31,11 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn sync(&mut self, cluster: &Cluster, datapath: &mut Datapath) -> anyhow::Result<SyncReport> {
+    pub fn sync(
+        &mut self,
+        cluster: &Cluster,
+        datapath: &mut Datapath,
+    ) -> anyhow::Result<SyncReport> {
         let start = Instant::now();
         let Compiled { state, ids, errors } = compile(cluster, &self.ids);
         self.ids = ids;
@@ -41,6 +45,10 @@ impl Proxy {
             // Track each write as it lands: after a failure the next sync resumes from the truth.
             self.applied.apply(op);
         }
-        Ok(SyncReport { writes: ops.len(), errors, elapsed: start.elapsed() })
+        Ok(SyncReport {
+            writes: ops.len(),
+            errors,
+            elapsed: start.elapsed(),
+        })
     }
 }

@@ -77,17 +77,20 @@ pub fn load(dir: &Path) -> anyhow::Result<Loaded> {
             if let Some(first) = origin.get(&(kind, name.clone())) {
                 loaded.errors.push(FileError {
                     path: path.clone(),
-                    reason: format!("{kind} {name} is already defined in {}; keeping that one", first.display()),
+                    reason: format!(
+                        "{kind} {name} is already defined in {}; keeping that one",
+                        first.display()
+                    ),
                 });
                 continue;
             }
             origin.insert((kind, name.clone()), path.clone());
             match object {
                 Object::Service(name, s) => {
-                    loaded.cluster.services.insert(name, s);
+                    loaded.cluster.services.insert(name, *s);
                 }
                 Object::EndpointSlice(name, s) => {
-                    loaded.cluster.endpoint_slices.insert(name, s);
+                    loaded.cluster.endpoint_slices.insert(name, *s);
                 }
                 Object::Skipped(_) => {}
             }
@@ -97,12 +100,15 @@ pub fn load(dir: &Path) -> anyhow::Result<Loaded> {
 }
 
 fn is_manifest(path: &Path) -> bool {
-    matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")) && path.is_file()
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml" | "json")
+    ) && path.is_file()
 }
 
 enum Object {
-    Service(ObjectName, Service),
-    EndpointSlice(ObjectName, EndpointSlice),
+    Service(ObjectName, Box<Service>),
+    EndpointSlice(ObjectName, Box<EndpointSlice>),
     /// A kind the agent does not use: `apiVersion/kind name`.
     Skipped(String),
 }
@@ -129,18 +135,23 @@ fn parse(path: &Path, text: &str) -> Result<Vec<Object>, String> {
 }
 
 fn typed(document: Value, out: &mut Vec<Object>) -> Result<(), String> {
-    let field = |name: &str| document.get(name).and_then(Value::as_str).map(str::to_owned);
+    let field = |name: &str| {
+        document
+            .get(name)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
     let (Some(api_version), Some(kind)) = (field("apiVersion"), field("kind")) else {
         return Err("not a Kubernetes object: apiVersion and kind are required".into());
     };
     match (api_version.as_str(), kind.as_str()) {
         (Service::API_VERSION, Service::KIND) => {
             let (name, s) = object::<Service>(document, |s| &s.metadata)?;
-            out.push(Object::Service(name, s));
+            out.push(Object::Service(name, Box::new(s)));
         }
         (EndpointSlice::API_VERSION, EndpointSlice::KIND) => {
             let (name, s) = object::<EndpointSlice>(document, |s| &s.metadata)?;
-            out.push(Object::EndpointSlice(name, s));
+            out.push(Object::EndpointSlice(name, Box::new(s)));
         }
         ("v1", "List") => {
             let Some(Value::Array(items)) = document.get("items").cloned() else {
@@ -151,7 +162,10 @@ fn typed(document: Value, out: &mut Vec<Object>) -> Result<(), String> {
             }
         }
         _ => {
-            let name = document.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("(unnamed)");
+            let name = document
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or("(unnamed)");
             out.push(Object::Skipped(format!("{api_version}/{kind} {name}")));
         }
     }
@@ -162,7 +176,14 @@ fn object<K: Resource + DeserializeOwned>(
     document: Value,
     metadata: fn(&K) -> &ObjectMeta,
 ) -> Result<(ObjectName, K), String> {
-    let what = format!("{} {}", K::KIND, document.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("(unnamed)"));
+    let what = format!(
+        "{} {}",
+        K::KIND,
+        document
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("(unnamed)")
+    );
     let object: K = serde_json::from_value(document).map_err(|e| format!("{what}: {e}"))?;
     let meta = metadata(&object);
     let Some(name) = meta.name.clone().filter(|n| !n.is_empty()) else {
@@ -173,7 +194,10 @@ fn object<K: Resource + DeserializeOwned>(
 }
 
 /// Watches `dir` and sends a unit on every change; keep the returned watcher alive.
-pub fn watch(dir: &Path, changed: mpsc::UnboundedSender<()>) -> anyhow::Result<notify::RecommendedWatcher> {
+pub fn watch(
+    dir: &Path,
+    changed: mpsc::UnboundedSender<()>,
+) -> anyhow::Result<notify::RecommendedWatcher> {
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if event.is_ok_and(|e| !e.kind.is_access()) {
             let _ = changed.send(());
@@ -201,7 +225,13 @@ mod tests {
     #[test]
     fn loads_yaml_multi_documents_json_and_lists() {
         let dir = tempfile::tempdir().unwrap();
-        write(dir.path(), "a.yaml", &format!("{SERVICE}---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: cm}}\n---\n"));
+        write(
+            dir.path(),
+            "a.yaml",
+            &format!(
+                "{SERVICE}---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: cm}}\n---\n"
+            ),
+        );
         write(dir.path(), "b.json", SLICE_JSON);
         write(
             dir.path(),
@@ -211,31 +241,59 @@ mod tests {
         write(dir.path(), "notes.txt", "not a manifest");
         let loaded = load(dir.path()).unwrap();
         assert_eq!(loaded.errors, vec![]);
-        let services: Vec<String> = loaded.cluster.services.keys().map(ToString::to_string).collect();
+        let services: Vec<String> = loaded
+            .cluster
+            .services
+            .keys()
+            .map(ToString::to_string)
+            .collect();
         assert_eq!(services, ["default/web", "kube-system/api"]);
-        let slices: Vec<String> = loaded.cluster.endpoint_slices.keys().map(ToString::to_string).collect();
+        let slices: Vec<String> = loaded
+            .cluster
+            .endpoint_slices
+            .keys()
+            .map(ToString::to_string)
+            .collect();
         assert_eq!(slices, ["prod/web-1"]);
         assert_eq!(loaded.skipped.len(), 1);
-        assert!(loaded.skipped[0].ends_with("a.yaml: v1/ConfigMap cm"), "{:?}", loaded.skipped);
+        assert!(
+            loaded.skipped[0].ends_with("a.yaml: v1/ConfigMap cm"),
+            "{:?}",
+            loaded.skipped
+        );
     }
 
     #[test]
     fn bad_files_are_reported_by_name_and_reason_and_others_still_load() {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "good.yaml", SERVICE);
-        write(dir.path(), "broken.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: [oops\n");
+        write(
+            dir.path(),
+            "broken.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: [oops\n",
+        );
         write(dir.path(), "kindless.yaml", "foo: bar\n");
-        write(dir.path(), "typed.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {ports: 12}\n");
+        write(
+            dir.path(),
+            "typed.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {ports: 12}\n",
+        );
         write(dir.path(), "dup.yaml", SERVICE);
         let loaded = load(dir.path()).unwrap();
         assert_eq!(loaded.cluster.services.len(), 1);
         let errors: Vec<String> = loaded.errors.iter().map(|e| e.to_string()).collect();
-        let has = |file: &str, text: &str| errors.iter().any(|e| e.contains(file) && e.contains(text));
+        let has =
+            |file: &str, text: &str| errors.iter().any(|e| e.contains(file) && e.contains(text));
         assert!(has("broken.yaml", "invalid YAML"), "{errors:?}");
-        assert!(has("kindless.yaml", "apiVersion and kind are required"), "{errors:?}");
+        assert!(
+            has("kindless.yaml", "apiVersion and kind are required"),
+            "{errors:?}"
+        );
         assert!(has("typed.yaml", "Service x: invalid type"), "{errors:?}");
-        assert!(has("good.yaml", "Service default/web is already defined in"), "{errors:?}");
+        assert!(
+            has("good.yaml", "Service default/web is already defined in"),
+            "{errors:?}"
+        );
         assert_eq!(errors.len(), 4, "{errors:?}");
     }
-
 }

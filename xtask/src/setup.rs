@@ -1,0 +1,115 @@
+//! The prerequisites, installed idempotently: each step checks first and says what it does.
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+use crate::exec;
+
+/// Debian packages: LLVM 22 to build bpf-linker; iproute2 and ethtool for the namespace tests.
+const PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "zlib1g-dev",
+    "libzstd-dev",
+    "libxml2-dev",
+    "iproute2",
+    "ethtool",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn run() -> anyhow::Result<()> {
+    apt_packages()?;
+    nightly_rust_src()?;
+    bpf_linker()
+}
+
+fn apt_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !output("dpkg-query", &["-W", "-f=${Status}", p])
+                .is_ok_and(|s| s.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    say(&format!(
+        "installing Debian packages: {}",
+        missing.join(" ")
+    ));
+    exec(Command::new("apt-get").args(["update", "-qq"]))?;
+    exec(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn nightly_rust_src() -> anyhow::Result<()> {
+    let installed = output(
+        "rustup",
+        &["component", "list", "--installed", "--toolchain", "nightly"],
+    )
+    .unwrap_or_default();
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok(());
+    }
+    say(
+        "installing the nightly toolchain's rust-src (the eBPF crate builds core with -Z build-std)",
+    );
+    exec(Command::new("rustup").args([
+        "toolchain",
+        "install",
+        "nightly",
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src",
+    ]))
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    if output("bpf-linker", &["--version"]).is_ok_and(|v| v.contains(BPF_LINKER_VERSION)) {
+        return Ok(());
+    }
+    say(&format!(
+        "building bpf-linker {BPF_LINKER_VERSION} against Debian's LLVM 22 (about a minute)"
+    ));
+    // /usr/bin/llvm-config is LLVM 14: put LLVM 22's first.
+    let path = format!(
+        "/usr/lib/llvm-22/bin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
+    exec(
+        Command::new(env!("CARGO"))
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("PATH", path),
+    )
+}
+
+fn say(what: &str) {
+    eprintln!("setup: {what}");
+}
+
+fn output(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!("{program} {} failed", args.join(" "));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
