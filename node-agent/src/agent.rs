@@ -10,9 +10,9 @@ use tracing::{debug, error, info, warn};
 
 use crate::{datapath::Datapath, health, proxy::Proxy, source::manifest};
 
-/// Changes that arrive this close together are applied as one sync (an editor's save is
-/// several events).
-const DEBOUNCE: Duration = Duration::from_millis(20);
+/// Changes that arrive this close together are applied as one sync: an in-place save is a
+/// truncate and a write microseconds apart, and must not be read half-written.
+const DEBOUNCE: Duration = Duration::from_millis(5);
 
 pub struct RunConfig {
     pub manifests: PathBuf,
