@@ -1,5 +1,9 @@
 //! `node-agent run`: the datapath fed from a manifest directory until SIGTERM.
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use tokio::{
@@ -8,7 +12,13 @@ use tokio::{
 };
 use tracing::{debug, error, info, warn};
 
-use crate::{datapath::Datapath, health, proxy::Proxy, source::manifest};
+use crate::{
+    datapath::Datapath,
+    health::{self, ServiceHealthServers},
+    model::{Ipv4Cidr, Node},
+    proxy::Proxy,
+    source::manifest,
+};
 
 /// Changes that arrive this close together are applied as one sync: an in-place save is a
 /// truncate and a write microseconds apart, and must not be read half-written.
@@ -19,12 +29,83 @@ pub struct RunConfig {
     pub devices: Vec<String>,
     pub health_bind: SocketAddr,
     pub bpffs: PathBuf,
+    pub node: NodeConfig,
+}
+
+/// The node's identity and addressing, as given on the command line.
+pub struct NodeConfig {
+    pub name: String,
+    /// Empty: the IPv4 addresses of the devices.
+    pub ips: Vec<Ipv4Addr>,
+    pub service_cidr: Option<Ipv4Cidr>,
+    pub cluster_cidr: Option<Ipv4Cidr>,
+    /// Empty: every node IP.
+    pub nodeport_addresses: Vec<Ipv4Cidr>,
+}
+
+impl NodeConfig {
+    /// What the proxy and the datapath need to know of this node, given the addresses found
+    /// on its devices.
+    pub fn resolve(&self, device_ips: &[Ipv4Addr]) -> (Node, node_common::Config) {
+        let ips = if self.ips.is_empty() {
+            device_ips
+        } else {
+            &self.ips
+        };
+        let nodeport_ips = ips
+            .iter()
+            .copied()
+            .filter(|ip| {
+                self.nodeport_addresses.is_empty()
+                    || self.nodeport_addresses.iter().any(|c| c.contains(*ip))
+            })
+            .collect();
+        let cidr = |c: Option<Ipv4Cidr>| {
+            c.map(|c| node_common::Cidr::new(c.address, c.prefix))
+                .unwrap_or_default()
+        };
+        let config = node_common::Config {
+            snat_address: ips
+                .first()
+                .map(|ip| u32::from_ne_bytes(ip.octets()))
+                .unwrap_or(0),
+            cluster_cidr: cidr(self.cluster_cidr),
+            service_cidr: cidr(self.service_cidr),
+        };
+        (
+            Node {
+                name: self.name.clone(),
+                nodeport_ips,
+            },
+            config,
+        )
+    }
+}
+
+/// The IPv4 addresses of `devices`, in the order given.
+fn device_addresses(devices: &[String]) -> anyhow::Result<Vec<Ipv4Addr>> {
+    let mut ips = Vec::new();
+    for device in devices {
+        for ifaddr in nix::ifaddrs::getifaddrs()?.filter(|a| &a.interface_name == device) {
+            if let Some(ip) = ifaddr
+                .address
+                .as_ref()
+                .and_then(|a| a.as_sockaddr_in())
+                .map(|a| a.ip())
+            {
+                ips.push(ip);
+            }
+        }
+    }
+    Ok(ips)
 }
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    let mut datapath = Datapath::load(&config.bpffs)?;
+    let (node, datapath_config) = config.node.resolve(&device_addresses(&config.devices)?);
+    info!(node = %node.name, nodeport_ips = ?node.nodeport_ips, "node");
+    let mut datapath = Datapath::load(&config.bpffs, &datapath_config)?;
     for device in &config.devices {
         datapath.attach(device)?;
     }
@@ -35,7 +116,16 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let (changed, mut changes) = mpsc::unbounded_channel();
     let _watcher = manifest::watch(&config.manifests, changed)?;
     let mut proxy = Proxy::default();
-    sync(&config, &mut proxy, &mut datapath).context("first sync")?;
+    let mut health_checks = ServiceHealthServers::default();
+    sync(
+        &config,
+        &node,
+        &mut proxy,
+        &mut datapath,
+        &mut health_checks,
+    )
+    .await
+    .context("first sync")?;
     health.synced();
 
     loop {
@@ -43,7 +133,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             Some(()) = changes.recv() => {
                 tokio::time::sleep(DEBOUNCE).await;
                 while changes.try_recv().is_ok() {}
-                match sync(&config, &mut proxy, &mut datapath) {
+                match sync(&config, &node, &mut proxy, &mut datapath, &mut health_checks).await {
                     Ok(()) => health.synced(),
                     Err(e) => error!("sync failed: {e:#}"),
                 }
@@ -57,7 +147,13 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn sync(config: &RunConfig, proxy: &mut Proxy, datapath: &mut Datapath) -> anyhow::Result<()> {
+async fn sync(
+    config: &RunConfig,
+    node: &Node,
+    proxy: &mut Proxy,
+    datapath: &mut Datapath,
+    health_checks: &mut ServiceHealthServers,
+) -> anyhow::Result<()> {
     let loaded = manifest::load(&config.manifests)?;
     for e in &loaded.errors {
         warn!("manifest refused: {e}");
@@ -65,10 +161,11 @@ fn sync(config: &RunConfig, proxy: &mut Proxy, datapath: &mut Datapath) -> anyho
     for s in &loaded.skipped {
         debug!("manifest skipped (kind not used by node-agent): {s}");
     }
-    let report = proxy.sync(&loaded.cluster, datapath)?;
+    let report = proxy.sync(&loaded.cluster, node, datapath)?;
     for e in &report.errors {
         warn!("object refused: {e}");
     }
+    health_checks.reconcile(&report.health_checks).await;
     info!(
         services = loaded.cluster.services.len(),
         endpoint_slices = loaded.cluster.endpoint_slices.len(),

@@ -2,6 +2,7 @@
 //! Nothing else in the agent touches aya.
 use std::{
     fs, io,
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -9,22 +10,62 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData},
-    programs::{SchedClassifier, TcAttachType, TestRun, TestRunOptions},
+    maps::{
+        HashMap, Map, MapData,
+        lpm_trie::{Key, LpmTrie},
+    },
+    programs::{Program, SchedClassifier, TcAttachType, TestRun, TestRunOptions},
 };
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 use node_common::{
-    BACKENDS_MAP, Backend, CONNTRACK_MAP, REV_NAT_MAP, RevNat, SERVICES_MAP, ServiceKey,
-    ServiceValue,
+    AFFINITY_MAP, BACKENDS_MAP, Backend, CONFIG_GLOBAL, CONNTRACK_MAP, Config, REV_NAT_MAP, RevNat,
+    SERVICES_MAP, SOURCE_RANGE_FRONTEND_BITS, SOURCE_RANGES_MAP, ServiceKey, ServiceValue,
+    SourceRange,
 };
 
-use crate::proxy::{MapOp, MapState};
+use crate::{
+    model::Ipv4Cidr,
+    proxy::{MapOp, MapState},
+};
 
 /// The object node-agent's build script compiled from node-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/node-ebpf"));
 
-const TC_INGRESS: &str = "tc_ingress";
-const PINNED_MAPS: [&str; 4] = [SERVICES_MAP, BACKENDS_MAP, REV_NAT_MAP, CONNTRACK_MAP];
+const PINNED_MAPS: [&str; 6] = [
+    SERVICES_MAP,
+    BACKENDS_MAP,
+    REV_NAT_MAP,
+    CONNTRACK_MAP,
+    AFFINITY_MAP,
+    SOURCE_RANGES_MAP,
+];
+
+/// Where a program runs on a device.
+#[derive(Clone, Copy, Debug)]
+pub enum Hook {
+    /// Load balancing and reverse translation.
+    Ingress,
+    /// The masquerade half of masqueraded flows.
+    Egress,
+}
+
+impl Hook {
+    const ALL: [Hook; 2] = [Hook::Ingress, Hook::Egress];
+
+    fn program(self) -> &'static str {
+        match self {
+            Hook::Ingress => "tc_ingress",
+            Hook::Egress => "tc_egress",
+        }
+    }
+
+    fn attach_type(self) -> TcAttachType {
+        match self {
+            Hook::Ingress => TcAttachType::Ingress,
+            Hook::Egress => TcAttachType::Egress,
+        }
+    }
+}
 
 /// The loaded datapath. Dropping it is the one place that decides what outlives the agent: for
 /// now nothing does (programs detach, pins are removed).
@@ -34,92 +75,124 @@ pub struct Datapath {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, Backend>,
     rev_nat: HashMap<MapData, u16, RevNat>,
+    source_ranges: LpmTrie<MapData, SourceRange, u8>,
 }
 
 /// The result of one BPF_PROG_TEST_RUN.
 pub struct TestRunOutput {
-    /// The TC action the program returned (TC_ACT_OK = 0, TC_ACT_SHOT = 2).
+    /// The TC action the program returned (TC_ACT_OK = 0, TC_ACT_SHOT = 2, TC_ACT_REDIRECT = 7).
     pub action: i32,
     pub packet: Vec<u8>,
+    /// The skb mark the program left.
+    pub mark: u32,
     pub duration: Duration,
 }
 
+/// BPF_PROG_TEST_RUN's context is a `struct __sk_buff`: the mark is its third u32; the
+/// kernel refuses to return less than the whole struct (192 bytes today), so room for more.
+const SKB_MARK_WORD: usize = 2;
+const SKB_CONTEXT_WORDS: usize = 64;
+
 impl Datapath {
-    /// Loads the embedded object with its maps pinned under `pin_dir` (bpffs is mounted first
-    /// when needed).
-    pub fn load(pin_dir: &Path) -> anyhow::Result<Self> {
+    /// Loads the embedded object for a node addressed as `config` says, with its maps pinned
+    /// under `pin_dir` (bpffs is mounted first when needed).
+    pub fn load(pin_dir: &Path, config: &Config) -> anyhow::Result<Self> {
         ensure_bpffs(pin_dir)?;
         fs::create_dir_all(pin_dir).with_context(|| format!("creating {}", pin_dir.display()))?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
+            .override_global(CONFIG_GLOBAL, config, true)
             .load(OBJECT)
             .context("loading the eBPF object")?;
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(TC_INGRESS)
-            .context("the eBPF object has no tc_ingress program")?
-            .try_into()?;
-        program
-            .load()
-            .context("loading tc_ingress into the kernel")?;
+        for hook in Hook::ALL {
+            let name = hook.program();
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .with_context(|| format!("the eBPF object has no {name} program"))?
+                .try_into()?;
+            program
+                .load()
+                .with_context(|| format!("loading {name} into the kernel"))?;
+        }
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .with_context(|| format!("the eBPF object has no map {name}"))
         };
         let (services, backends, rev_nat) =
             (take(SERVICES_MAP)?, take(BACKENDS_MAP)?, take(REV_NAT_MAP)?);
+        let source_ranges = take(SOURCE_RANGES_MAP)?;
         Ok(Self {
             services: services.try_into()?,
             backends: backends.try_into()?,
             rev_nat: rev_nat.try_into()?,
+            source_ranges: source_ranges.try_into()?,
             ebpf,
             pin_dir: pin_dir.to_owned(),
         })
     }
 
-    /// Attaches tc_ingress to `device`'s ingress (TCX on this kernel).
+    /// Attaches the programs to `device`'s ingress and egress (TCX on this kernel).
     pub fn attach(&mut self, device: &str) -> anyhow::Result<()> {
-        let program: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(TC_INGRESS)
-            .context("tc_ingress is not loaded")?
-            .try_into()?;
-        program
-            .attach(device, TcAttachType::Ingress)
-            .with_context(|| format!("attaching tc_ingress to device {device}"))?;
+        for hook in Hook::ALL {
+            let program: &mut SchedClassifier = self.program(hook)?.try_into()?;
+            program
+                .attach(device, hook.attach_type())
+                .with_context(|| format!("attaching {} to device {device}", hook.program()))?;
+        }
         Ok(())
+    }
+
+    fn program(&mut self, hook: Hook) -> anyhow::Result<&mut Program> {
+        let name = hook.program();
+        self.ebpf
+            .program_mut(name)
+            .with_context(|| format!("{name} is not loaded"))
     }
 
     pub fn write(&mut self, op: &MapOp) -> anyhow::Result<()> {
         match *op {
             MapOp::PutBackend(id, backend) => self.backends.insert(id, backend, 0),
             MapOp::PutRevNat(id, rev_nat) => self.rev_nat.insert(id, rev_nat, 0),
+            MapOp::PutSourceRange(id, cidr) => {
+                self.source_ranges.insert(&source_range_key(id, cidr), 1, 0)
+            }
             MapOp::PutService(key, value) => self.services.insert(key, value, 0),
             MapOp::DeleteService(key) => self.services.remove(&key),
+            MapOp::DeleteSourceRange(id, cidr) => {
+                self.source_ranges.remove(&source_range_key(id, cidr))
+            }
             MapOp::DeleteRevNat(id) => self.rev_nat.remove(&id),
             MapOp::DeleteBackend(id) => self.backends.remove(&id),
         }
         .with_context(|| format!("{op}"))
     }
 
-    /// Runs tc_ingress once over `frame` (an Ethernet frame) through BPF_PROG_TEST_RUN, against
-    /// the live maps.
-    pub fn test_run(&self, frame: &[u8]) -> anyhow::Result<TestRunOutput> {
-        let program: &SchedClassifier = self
-            .ebpf
-            .program(TC_INGRESS)
-            .context("tc_ingress is not loaded")?
-            .try_into()?;
-        // Room for the frame: the datapath rewrites in place and never grows a packet.
-        let mut out = vec![0; frame.len()];
+    /// Runs the program at `hook` once over `frame` (an Ethernet frame) carrying skb `mark`,
+    /// through BPF_PROG_TEST_RUN, against the live maps.
+    pub fn test_run(
+        &mut self,
+        hook: Hook,
+        frame: &[u8],
+        mark: u32,
+    ) -> anyhow::Result<TestRunOutput> {
+        let program: &mut SchedClassifier = self.program(hook)?.try_into()?;
+        // Room to grow: a REJECT turns a packet into a larger ICMP error.
+        let mut out = vec![0; frame.len() + 128];
+        let mut ctx_in = [0u32; SKB_MARK_WORD + 1];
+        ctx_in[SKB_MARK_WORD] = mark;
+        let mut ctx_out = [0u32; SKB_CONTEXT_WORDS];
         let result = program.test_run(TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
+            ctx_in: Some(u32_bytes(&ctx_in)),
+            ctx_out: Some(u32_bytes_mut(&mut ctx_out)),
             ..TestRunOptions::new()
         })?;
         out.truncate(result.data_size_out as usize);
         Ok(TestRunOutput {
             action: result.return_value as i32,
             packet: out,
+            mark: ctx_out[SKB_MARK_WORD],
             duration: result.duration,
         })
     }
@@ -140,6 +213,26 @@ impl Drop for Datapath {
     }
 }
 
+fn source_range_key(rev_nat_id: u16, cidr: Ipv4Cidr) -> Key<SourceRange> {
+    let address = u32::from_ne_bytes(cidr.address.octets());
+    let data = SourceRange {
+        rev_nat_id,
+        _pad: 0,
+        address,
+    };
+    Key::new(SOURCE_RANGE_FRONTEND_BITS + u32::from(cidr.prefix), data)
+}
+
+fn u32_bytes(words: &[u32]) -> &[u8] {
+    // SAFETY: any u32 is 4 valid bytes; the length is in bytes.
+    unsafe { std::slice::from_raw_parts(words.as_ptr().cast(), size_of_val(words)) }
+}
+
+fn u32_bytes_mut(words: &mut [u32]) -> &mut [u8] {
+    // SAFETY: as above, and every 4 bytes are a valid u32.
+    unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast(), size_of_val(words)) }
+}
+
 /// Reads what the pinned Service maps under `pin_dir` hold (for `node-agent lb list`).
 pub fn read_pinned(pin_dir: &Path) -> anyhow::Result<MapState> {
     fn open(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
@@ -156,10 +249,33 @@ pub fn read_pinned(pin_dir: &Path) -> anyhow::Result<MapState> {
     let services: HashMap<_, ServiceKey, ServiceValue> = open(pin_dir, SERVICES_MAP)?.try_into()?;
     let backends: HashMap<_, u32, Backend> = open(pin_dir, BACKENDS_MAP)?.try_into()?;
     let rev_nat: HashMap<_, u16, RevNat> = open(pin_dir, REV_NAT_MAP)?.try_into()?;
+    let source_ranges: LpmTrie<_, SourceRange, u8> =
+        open(pin_dir, SOURCE_RANGES_MAP)?.try_into()?;
+    let source_ranges = source_ranges
+        .iter()
+        .map(|entry| {
+            let (key, _) = entry?;
+            let SourceRange {
+                rev_nat_id,
+                address,
+                ..
+            } = key.data();
+            let [a, b, c, d] = address.to_ne_bytes();
+            let prefix = (key.prefix_len() - SOURCE_RANGE_FRONTEND_BITS) as u8;
+            Ok((
+                rev_nat_id,
+                Ipv4Cidr {
+                    address: Ipv4Addr::new(a, b, c, d),
+                    prefix,
+                },
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
     Ok(MapState {
         services: services.iter().collect::<Result<_, _>>()?,
         backends: backends.iter().collect::<Result<_, _>>()?,
         rev_nat: rev_nat.iter().collect::<Result<_, _>>()?,
+        source_ranges,
     })
 }
 

@@ -1,7 +1,11 @@
-use std::{io::IsTerminal as _, net::SocketAddr, path::PathBuf};
+use std::{
+    io::IsTerminal as _,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+};
 
 use clap::{Parser, Subcommand};
-use node_agent::{agent, datapath, lb};
+use node_agent::{agent, datapath, lb, model::Ipv4Cidr};
 use tracing_subscriber::EnvFilter;
 
 /// An eBPF Service proxy (kube-proxy replacement) for one Kubernetes node.
@@ -27,6 +31,8 @@ enum Command {
         health_bind: SocketAddr,
         #[command(flatten)]
         bpffs: Bpffs,
+        #[command(flatten)]
+        node: NodeArgs,
     },
     /// Inspect the load-balancing maps.
     Lb {
@@ -42,6 +48,44 @@ enum LbCommand {
         #[command(flatten)]
         bpffs: Bpffs,
     },
+}
+
+/// The node's identity and addressing (kube-proxy's flags of the same names).
+#[derive(clap::Args)]
+struct NodeArgs {
+    /// Endpoints with this nodeName are local (traffic policies Local). Default: the hostname.
+    #[arg(long)]
+    node_name: Option<String>,
+    /// The node's IPv4 addresses, comma-separated; the first is the masquerade address.
+    /// Default: the addresses of --devices.
+    #[arg(long, value_delimiter = ',')]
+    node_ips: Vec<Ipv4Addr>,
+    /// The ClusterIP range: packets to an address in it that no Service uses are dropped.
+    #[arg(long)]
+    service_cidr: Option<Ipv4Cidr>,
+    /// The pod range: sources in it are cluster traffic (not masqueraded to ClusterIPs, and
+    /// sent to all endpoints under externalTrafficPolicy Local).
+    #[arg(long)]
+    cluster_cidr: Option<Ipv4Cidr>,
+    /// CIDRs whose node IPs serve NodePorts, comma-separated. Default: every node IP.
+    #[arg(long, value_delimiter = ',')]
+    nodeport_addresses: Vec<Ipv4Cidr>,
+}
+
+impl NodeArgs {
+    fn into_config(self) -> anyhow::Result<agent::NodeConfig> {
+        let name = match self.node_name {
+            Some(name) => name,
+            None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
+        };
+        Ok(agent::NodeConfig {
+            name,
+            ips: self.node_ips,
+            service_cidr: self.service_cidr,
+            cluster_cidr: self.cluster_cidr,
+            nodeport_addresses: self.nodeport_addresses,
+        })
+    }
 }
 
 #[derive(clap::Args)]
@@ -65,12 +109,14 @@ fn main() -> anyhow::Result<()> {
             devices,
             health_bind,
             bpffs,
+            node,
         } => {
             let config = agent::RunConfig {
                 manifests,
                 devices,
                 health_bind,
                 bpffs: bpffs.dir,
+                node: node.into_config()?,
             };
             tokio::runtime::Runtime::new()?.block_on(agent::run(config))
         }

@@ -1,5 +1,5 @@
 //! The cluster as the agent knows it: Kubernetes objects from any source, keyed by name.
-use std::{collections::BTreeMap, fmt};
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr, str::FromStr};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
@@ -43,5 +43,56 @@ impl ObjectError {
 impl fmt::Display for ObjectError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.object, self.reason)
+    }
+}
+
+/// This node, as the proxy sees it.
+#[derive(Clone, Debug, Default)]
+pub struct Node {
+    /// Endpoints with this `nodeName` are local.
+    pub name: String,
+    /// The addresses NodePorts are served on (the node IPs allowed by --nodeport-addresses).
+    pub nodeport_ips: Vec<Ipv4Addr>,
+}
+
+/// An IPv4 prefix such as `10.244.0.0/16`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ipv4Cidr {
+    pub address: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Ipv4Cidr {
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix))
+            .unwrap_or(0);
+        u32::from(ip) & mask == u32::from(self.address) & mask
+    }
+}
+
+impl FromStr for Ipv4Cidr {
+    type Err = String;
+
+    /// `a.b.c.d/n`; a bare address is a /32.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (address, prefix) = s.split_once('/').unwrap_or((s, "32"));
+        let address = address
+            .trim()
+            .parse::<Ipv4Addr>()
+            .map_err(|_| format!("{s:?} is not an IPv4 CIDR"))?;
+        let prefix = prefix
+            .trim()
+            .parse::<u8>()
+            .ok()
+            .filter(|p| *p <= 32)
+            .ok_or_else(|| format!("{s:?} is not an IPv4 CIDR"))?;
+        Ok(Self { address, prefix })
+    }
+}
+
+impl fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.address, self.prefix)
     }
 }

@@ -18,6 +18,10 @@ pub const SERVICES_MAP: &str = "SERVICES";
 pub const BACKENDS_MAP: &str = "BACKENDS";
 pub const REV_NAT_MAP: &str = "REV_NAT";
 pub const CONNTRACK_MAP: &str = "CONNTRACK";
+pub const AFFINITY_MAP: &str = "AFFINITY";
+pub const SOURCE_RANGES_MAP: &str = "SOURCE_RANGES";
+/// The `Config` global in node-ebpf's read-only data, set by the agent at load time.
+pub const CONFIG_GLOBAL: &str = "CONFIG";
 
 /// Capacities of the maps. SERVICES holds a master entry plus one slot per backend for every
 /// frontend; 100k Services × 2 backends needs 300k entries.
@@ -25,6 +29,8 @@ pub const SERVICES_MAX_ENTRIES: u32 = 524_288;
 pub const BACKENDS_MAX_ENTRIES: u32 = 262_144;
 pub const REV_NAT_MAX_ENTRIES: u32 = 65_535;
 pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
+pub const AFFINITY_MAX_ENTRIES: u32 = 65_536;
+pub const SOURCE_RANGES_MAX_ENTRIES: u32 = 16_384;
 
 /// The most backends one frontend may have: a Service beyond it is reported, not truncated
 /// silently.
@@ -59,17 +65,25 @@ pub struct ServiceKey {
     /// 0 is the master entry; 1..=count are backend slots.
     pub slot: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    /// `SCOPE_EXTERNAL` or `SCOPE_INTERNAL`.
+    pub scope: u8,
+    pub _pad: [u8; 2],
 }
 
+/// The backends every source uses, or (with `SVC_ETP_LOCAL`) those external sources use.
+pub const SCOPE_EXTERNAL: u8 = 0;
+/// With `SVC_ETP_LOCAL`: the backends sources inside the cluster (pods, the node) use.
+pub const SCOPE_INTERNAL: u8 = 1;
+
 impl ServiceKey {
-    pub const fn new(address: Ipv4Addr, port: u16, proto: u8, slot: u16) -> Self {
+    pub const fn new(address: Ipv4Addr, port: u16, proto: u8, scope: u8, slot: u16) -> Self {
         Self {
             address: addr_to_wire(address),
             port: port_to_wire(port),
             slot,
             proto,
-            _pad: [0; 3],
+            scope,
+            _pad: [0; 2],
         }
     }
 
@@ -87,15 +101,33 @@ impl ServiceKey {
     }
 }
 
-/// Value of `SERVICES`. The master entry (slot 0) carries `count`; a backend slot carries
-/// `backend_id`. Both carry the frontend's reverse-NAT id.
+/// Value of `SERVICES`. The master entry (slot 0) carries `count`, `flags` and the affinity
+/// timeout; a backend slot carries `backend_id`. Both carry the frontend's reverse-NAT id.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceValue {
     pub backend_id: u32,
     pub count: u16,
     pub rev_nat_id: u16,
+    /// `SVC_*` bits (master entries).
+    pub flags: u16,
+    pub _pad: u16,
+    /// Seconds a client stays on its backend (with `SVC_AFFINITY`).
+    pub affinity_timeout: u32,
 }
+
+/// A NodePort, LoadBalancer or ExternalIP frontend: reached from outside the cluster.
+pub const SVC_EXTERNAL: u16 = 1 << 0;
+/// externalTrafficPolicy Local: external sources keep their address and use the local backends
+/// of scope EXTERNAL; sources inside the cluster use scope INTERNAL.
+pub const SVC_ETP_LOCAL: u16 = 1 << 1;
+/// sessionAffinity ClientIP.
+pub const SVC_AFFINITY: u16 = 1 << 2;
+/// loadBalancerSourceRanges: sources not in SOURCE_RANGES for this frontend are dropped.
+pub const SVC_SOURCE_RANGES: u16 = 1 << 3;
+/// No backends in this scope although the Service has some elsewhere (a Local traffic policy
+/// with no local endpoint): drop, where a Service with no endpoints at all rejects.
+pub const SVC_DROP_WHEN_EMPTY: u16 = 1 << 4;
 
 /// Value of `BACKENDS`, keyed by backend id (u32).
 #[repr(C)]
@@ -163,7 +195,10 @@ pub struct CtKey {
 }
 
 /// The entry matches replies (backend → client): translate the source back to the frontend.
-pub const CT_REPLY: u8 = 1;
+pub const CT_REPLY: u8 = 1 << 0;
+/// The flow is masqueraded: forward packets leave with the node's address and `nat_port`;
+/// replies go back to `nat_addr`:`nat_port`, the client.
+pub const CT_SNAT: u8 = 1 << 1;
 
 /// Value of `CONNTRACK`.
 #[repr(C)]
@@ -171,10 +206,95 @@ pub const CT_REPLY: u8 = 1;
 pub struct CtValue {
     /// Forward entries: the backend this flow is pinned to.
     pub backend_id: u32,
+    /// Reply entries of masqueraded flows: the client's address (network order).
+    pub nat_addr: u32,
+    /// Masqueraded flows: forward entries hold the node port the flow leaves with, reply
+    /// entries the client's port (network order).
+    pub nat_port: u16,
     pub rev_nat_id: u16,
-    /// `CT_REPLY` or 0.
+    /// `CT_*` bits.
     pub flags: u8,
-    pub _pad: u8,
+    pub _pad: [u8; 3],
+}
+
+/// The skb mark tc_ingress puts on a masqueraded packet for tc_egress, which rewrites its
+/// source to `Config::snat_address` and the port in the mark's low 16 bits (network order),
+/// after routing — as iptables does with KUBE-MARK-MASQ and POSTROUTING.
+pub const MASQ_MARK: u32 = 0x4e41_0000;
+pub const MASQ_MARK_MASK: u32 = 0xffff_0000;
+/// Ports masqueraded flows leave with: the ephemeral range, clear of the NodePort range.
+pub const SNAT_PORT_MIN: u16 = 32_768;
+pub const SNAT_PORT_MAX: u16 = 60_999;
+
+/// Key of `AFFINITY`: a client of one frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AffinityKey {
+    pub client: u32,
+    pub rev_nat_id: u16,
+    pub _pad: u16,
+}
+
+/// Value of `AFFINITY`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    /// Seconds on the kernel's monotonic clock.
+    pub last_used: u32,
+}
+
+/// Data of an `SOURCE_RANGES` LPM key: the prefix length counts 32 bits for the frontend plus
+/// the CIDR's own bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SourceRange {
+    pub rev_nat_id: u16,
+    pub _pad: u16,
+    /// Network order.
+    pub address: u32,
+}
+
+/// Bits of the LPM prefix taken by `rev_nat_id` and `_pad`.
+pub const SOURCE_RANGE_FRONTEND_BITS: u32 = 32;
+
+/// The node's addressing, fixed when the datapath loads. Zero means "not configured".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// The address masqueraded flows leave with (network order).
+    pub snat_address: u32,
+    /// Pod range: sources inside it are cluster traffic.
+    pub cluster_cidr: Cidr,
+    /// ClusterIP range: packets to an address in it that no Service uses are dropped.
+    pub service_cidr: Cidr,
+}
+
+/// An IPv4 prefix in network order, with its mask, for one-AND membership tests.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cidr {
+    pub address: u32,
+    pub mask: u32,
+}
+
+impl Cidr {
+    pub const fn new(address: Ipv4Addr, prefix: u8) -> Self {
+        let mask = if prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - prefix as u32)
+        };
+        Self {
+            address: addr_to_wire(address) & u32::from_ne_bytes(mask.to_be_bytes()),
+            mask: u32::from_ne_bytes(mask.to_be_bytes()),
+        }
+    }
+
+    /// Whether `address` (network order) lies inside; never for an unconfigured (zero) CIDR.
+    pub const fn contains(&self, address: u32) -> bool {
+        self.mask != 0 && address & self.mask == self.address
+    }
 }
 
 #[cfg(feature = "user")]
@@ -187,6 +307,10 @@ mod user {
     unsafe impl aya::Pod for RevNat {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for SourceRange {}
+    unsafe impl aya::Pod for Config {}
 }
 
 #[cfg(test)]
@@ -195,7 +319,13 @@ mod tests {
 
     #[test]
     fn wire_order_matches_packet_bytes() {
-        let key = ServiceKey::new(Ipv4Addr::new(10, 96, 0, 1), 443, PROTO_TCP, 0);
+        let key = ServiceKey::new(
+            Ipv4Addr::new(10, 96, 0, 1),
+            443,
+            PROTO_TCP,
+            SCOPE_EXTERNAL,
+            0,
+        );
         // The bytes in memory are the bytes in the packet header.
         assert_eq!(key.address.to_ne_bytes(), [10, 96, 0, 1]);
         assert_eq!(key.port.to_ne_bytes(), [0x01, 0xbb]);
@@ -206,10 +336,26 @@ mod tests {
     #[test]
     fn abi_sizes_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<ServiceKey>(), 12);
-        assert_eq!(core::mem::size_of::<ServiceValue>(), 8);
+        assert_eq!(core::mem::size_of::<ServiceValue>(), 16);
         assert_eq!(core::mem::size_of::<Backend>(), 8);
         assert_eq!(core::mem::size_of::<RevNat>(), 8);
         assert_eq!(core::mem::size_of::<CtKey>(), 16);
-        assert_eq!(core::mem::size_of::<CtValue>(), 8);
+        assert_eq!(core::mem::size_of::<CtValue>(), 16);
+        assert_eq!(core::mem::size_of::<AffinityKey>(), 8);
+        assert_eq!(core::mem::size_of::<AffinityValue>(), 8);
+        assert_eq!(core::mem::size_of::<SourceRange>(), 8);
+        assert_eq!(core::mem::size_of::<Config>(), 20);
+    }
+
+    #[test]
+    fn cidr_membership() {
+        let pods = Cidr::new(Ipv4Addr::new(10, 244, 0, 0), 16);
+        let wire = |a, b, c, d| u32::from_ne_bytes([a, b, c, d]);
+        assert!(pods.contains(wire(10, 244, 3, 7)));
+        assert!(!pods.contains(wire(10, 245, 0, 1)));
+        assert!(
+            !Cidr::default().contains(wire(10, 244, 3, 7)),
+            "unconfigured matches nothing"
+        );
     }
 }

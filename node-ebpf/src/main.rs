@@ -2,9 +2,12 @@
 #![no_std]
 #![no_main]
 
+mod lb;
 mod maps;
 mod nat;
 mod packet;
+mod reject;
+mod tc_egress;
 mod tc_ingress;
 
 #[cfg(not(test))]

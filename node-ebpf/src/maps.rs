@@ -1,13 +1,14 @@
-//! The datapath's maps. Names and layouts are the ABI in node-common; the agent writes
-//! SERVICES, BACKENDS and REV_NAT, the datapath alone writes CONNTRACK. All are pinned by name
-//! under the agent's bpffs directory.
+//! The datapath's maps and configuration. Names and layouts are the ABI in node-common; the
+//! agent writes SERVICES, BACKENDS, REV_NAT and SOURCE_RANGES, the datapath alone writes
+//! CONNTRACK and AFFINITY. All maps are pinned by name under the agent's bpffs directory.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap},
+    maps::{HashMap, LpmTrie, LruHashMap},
 };
 use node_common::{
-    BACKENDS_MAX_ENTRIES, Backend, CONNTRACK_MAX_ENTRIES, CtKey, CtValue, REV_NAT_MAX_ENTRIES,
-    RevNat, SERVICES_MAX_ENTRIES, ServiceKey, ServiceValue,
+    AFFINITY_MAX_ENTRIES, AffinityKey, AffinityValue, BACKENDS_MAX_ENTRIES, Backend,
+    CONNTRACK_MAX_ENTRIES, Cidr, Config, CtKey, CtValue, REV_NAT_MAX_ENTRIES, RevNat,
+    SERVICES_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES, ServiceKey, ServiceValue, SourceRange,
 };
 
 #[map]
@@ -21,3 +22,30 @@ pub static REV_NAT: HashMap<u16, RevNat> = HashMap::pinned(REV_NAT_MAX_ENTRIES, 
 
 #[map]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(CONNTRACK_MAX_ENTRIES, 0);
+
+#[map]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(AFFINITY_MAX_ENTRIES, 0);
+
+#[map]
+pub static SOURCE_RANGES: LpmTrie<SourceRange, u8> = LpmTrie::pinned(SOURCE_RANGES_MAX_ENTRIES, 0);
+
+/// Set by the agent when it loads the object (read-only data).
+#[unsafe(no_mangle)]
+static CONFIG: Config = Config {
+    snat_address: 0,
+    cluster_cidr: Cidr {
+        address: 0,
+        mask: 0,
+    },
+    service_cidr: Cidr {
+        address: 0,
+        mask: 0,
+    },
+};
+
+#[inline(always)]
+pub fn config() -> Config {
+    // A volatile read: the compiler must not fold the zeros above into the code.
+    unsafe { core::ptr::read_volatile(&CONFIG) }
+}

@@ -1,22 +1,12 @@
-//! Golden packets through BPF_PROG_TEST_RUN: an input frame and the maps (programmed from real
-//! manifests through the agent's compile → diff → apply path) give an expected verdict and
-//! output bytes. Expected frames are built from scratch by etherparse, so matching them byte
-//! for byte also proves the IP and L4 checksums.
-use std::{
-    collections::BTreeSet,
-    net::{Ipv4Addr, SocketAddrV4},
-    path::Path,
-};
+//! ClusterIP golden packets: DNAT, reverse NAT, stickiness, REJECT and what passes untouched.
+//! Expected frames are built from scratch by etherparse, so matching them byte for byte also
+//! proves the IP, L4 and ICMP checksums.
+mod golden;
 
-use etherparse::{IpHeaders, IpNumber, Ipv4Header, Ipv4Options, PacketBuilder};
-use node_agent::{datapath::Datapath, proxy::Proxy, source::manifest};
-use node_agent_tests::{
-    manifest::{endpoint_slice, service},
-    unique,
-};
+use std::{collections::BTreeSet, net::Ipv4Addr};
 
-const TC_ACT_OK: i32 = 0;
-const TC_ACT_SHOT: i32 = 2;
+use golden::{Expect, Fixture, L4, Packet, Row, TC_ACT_OK, check_rows, sock};
+use node_agent_tests::manifest::{endpoint_slice, service};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
 const WEB_VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
@@ -24,126 +14,6 @@ const DNS_VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 53);
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 99);
 const WEB_BACKEND: Ipv4Addr = Ipv4Addr::new(198, 18, 11, 2);
 const DNS_BACKEND: Ipv4Addr = Ipv4Addr::new(198, 18, 12, 2);
-
-fn sock(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(ip, port)
-}
-
-#[derive(Clone, Copy)]
-enum L4 {
-    Syn,
-    SynAck,
-    Ack,
-    Udp,
-}
-
-/// A frame as a client or backend would send it.
-#[derive(Clone, Copy)]
-struct Packet {
-    l4: L4,
-    src: SocketAddrV4,
-    dst: SocketAddrV4,
-    ip_options: &'static [u8],
-    more_fragments: bool,
-}
-
-impl Packet {
-    fn new(l4: L4, src: SocketAddrV4, dst: SocketAddrV4) -> Self {
-        Self {
-            l4,
-            src,
-            dst,
-            ip_options: &[],
-            more_fragments: false,
-        }
-    }
-
-    fn with_dst(self, dst: SocketAddrV4) -> Self {
-        Self { dst, ..self }
-    }
-
-    fn with_src(self, src: SocketAddrV4) -> Self {
-        Self { src, ..self }
-    }
-
-    fn frame(&self) -> Vec<u8> {
-        let proto = if matches!(self.l4, L4::Udp) {
-            IpNumber::UDP
-        } else {
-            IpNumber::TCP
-        };
-        let mut ip =
-            Ipv4Header::new(0, 64, proto, self.src.ip().octets(), self.dst.ip().octets()).unwrap();
-        ip.options = Ipv4Options::try_from(self.ip_options).unwrap();
-        ip.more_fragments = self.more_fragments;
-        let builder = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
-            .ip(IpHeaders::Ipv4(ip, Default::default()));
-        let (sport, dport) = (self.src.port(), self.dst.port());
-        let payload = b"node-agent golden payload";
-        let mut out = Vec::new();
-        match self.l4 {
-            L4::Syn => builder
-                .tcp(sport, dport, 1000, 64240)
-                .syn()
-                .write(&mut out, &[]),
-            L4::SynAck => builder
-                .tcp(sport, dport, 5000, 64240)
-                .syn()
-                .ack(1001)
-                .write(&mut out, &[]),
-            L4::Ack => builder
-                .tcp(sport, dport, 1001, 64240)
-                .ack(5001)
-                .write(&mut out, payload),
-            L4::Udp => builder.udp(sport, dport).write(&mut out, payload),
-        }
-        .unwrap();
-        out
-    }
-}
-
-/// The datapath loaded with its maps pinned in a fresh bpffs directory and programmed from
-/// `manifests` (file name, content) the way the agent does it. Unpinned on drop.
-struct Fixture {
-    datapath: Datapath,
-}
-
-impl Fixture {
-    fn new(manifests: &[(&str, String)]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        for (name, text) in manifests {
-            std::fs::write(dir.path().join(name), text).unwrap();
-        }
-        let loaded = manifest::load(dir.path()).unwrap();
-        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
-        let mut datapath =
-            Datapath::load(&Path::new("/sys/fs/bpf").join(unique("golden"))).unwrap();
-        let report = Proxy::default()
-            .sync(&loaded.cluster, &mut datapath)
-            .unwrap();
-        assert!(report.errors.is_empty(), "{:?}", report.errors);
-        Self { datapath }
-    }
-
-    fn run(&self, frame: &[u8]) -> (i32, Vec<u8>) {
-        let out = self.datapath.test_run(frame).unwrap();
-        (out.action, out.packet)
-    }
-}
-
-enum Expect {
-    Unchanged,
-    Dropped,
-    Becomes(Vec<u8>),
-}
-
-/// One row of the table: name, input frame, expected result. Rows run in order against the
-/// same maps, so a reply row sees the conntrack entry its request row created.
-struct Row {
-    name: &'static str,
-    input: Vec<u8>,
-    expect: Expect,
-}
 
 fn zero_udp_checksum(mut frame: Vec<u8>) -> Vec<u8> {
     let l4 = 14 + usize::from(frame[14] & 0x0f) * 4;
@@ -153,7 +23,7 @@ fn zero_udp_checksum(mut frame: Vec<u8>) -> Vec<u8> {
 
 #[test]
 fn clusterip_golden_packets() {
-    let fixture = Fixture::new(&[
+    let mut fixture = Fixture::new(&[
         ("web.yaml", service("web", WEB_VIP, &[("http", 80, "TCP")])),
         (
             "web-slice.yaml",
@@ -166,7 +36,11 @@ fn clusterip_golden_packets() {
         ),
         (
             "empty.yaml",
-            service("empty", EMPTY_VIP, &[("http", 80, "TCP")]),
+            service(
+                "empty",
+                EMPTY_VIP,
+                &[("http", 80, "TCP"), ("dns", 53, "UDP")],
+            ),
         ),
     ]);
     let client = sock(CLIENT, 40000);
@@ -184,6 +58,8 @@ fn clusterip_golden_packets() {
         more_fragments: true,
         ..Packet::new(L4::Udp, sock(CLIENT, 40004), sock(DNS_VIP, 53))
     };
+    let no_endpoints_tcp = Packet::new(L4::Syn, client, sock(EMPTY_VIP, 80));
+    let no_endpoints_udp = Packet::new(L4::Udp, client, sock(EMPTY_VIP, 53));
     let mut arp = vec![0xff; 6];
     arp.extend([2, 0, 0, 0, 0, 1, 0x08, 0x06]);
     arp.extend([0u8; 28]);
@@ -252,45 +128,30 @@ fn clusterip_golden_packets() {
             expect: Expect::Unchanged,
         },
         Row {
-            name: "a Service without endpoints drops",
-            input: Packet::new(L4::Syn, client, sock(EMPTY_VIP, 80)).frame(),
-            expect: Expect::Dropped,
+            name: "TCP to a Service without endpoints is rejected with ICMP port unreachable",
+            input: no_endpoints_tcp.frame(),
+            expect: Expect::Rejected(no_endpoints_tcp.port_unreachable()),
+        },
+        Row {
+            name: "UDP to a Service without endpoints is rejected with ICMP port unreachable",
+            input: no_endpoints_udp.frame(),
+            expect: Expect::Rejected(no_endpoints_udp.port_unreachable()),
         },
     ];
-
-    let mut failures = Vec::new();
-    for row in rows {
-        let (action, output) = fixture.run(&row.input);
-        let (want_action, want_output) = match row.expect {
-            Expect::Unchanged => (TC_ACT_OK, Some(row.input.clone())),
-            Expect::Becomes(frame) => (TC_ACT_OK, Some(frame)),
-            Expect::Dropped => (TC_ACT_SHOT, None),
-        };
-        if action != want_action || want_output.is_some_and(|want| want != output) {
-            failures.push(format!(
-                "{}: action {action}, output {:02x?}",
-                row.name, output
-            ));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "failing rows:\n{}",
-        failures.join("\n")
-    );
+    check_rows(&mut fixture, rows);
 }
 
 #[test]
 fn new_flows_spread_over_backends_and_each_flow_stays_on_its_own() {
     let backends: Vec<Ipv4Addr> = (1..=3).map(|i| Ipv4Addr::new(198, 18, 10 + i, 2)).collect();
-    let fixture = Fixture::new(&[
+    let mut fixture = Fixture::new(&[
         ("web.yaml", service("web", WEB_VIP, &[("http", 80, "TCP")])),
         (
             "web-slice.yaml",
             endpoint_slice("web-1", "web", &[("http", 8080, "TCP")], &backends),
         ),
     ]);
-    let chosen = |packet: Packet| {
+    let mut chosen = |packet: Packet| {
         let (action, output) = fixture.run(&packet.frame());
         assert_eq!(action, TC_ACT_OK);
         *backends

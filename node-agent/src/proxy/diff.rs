@@ -33,6 +33,12 @@ pub fn diff(applied: &MapState, desired: &MapState) -> Vec<MapOp> {
             .chain(slots)
             .map(|&k| MapOp::DeleteService(k)),
     );
+    ops.extend(
+        applied
+            .source_ranges
+            .difference(&desired.source_ranges)
+            .map(|&(id, c)| MapOp::DeleteSourceRange(id, c)),
+    );
     ops.extend(removed(&applied.rev_nat, &desired.rev_nat).map(|&id| MapOp::DeleteRevNat(id)));
     ops.extend(removed(&applied.backends, &desired.backends).map(|&id| MapOp::DeleteBackend(id)));
     ops
@@ -58,7 +64,7 @@ fn removed<'a, K: Ord, V>(
 mod tests {
     use std::net::Ipv4Addr;
 
-    use node_common::{Backend, PROTO_TCP, RevNat, ServiceValue};
+    use node_common::{Backend, PROTO_TCP, RevNat, SCOPE_EXTERNAL, ServiceValue};
 
     use super::*;
     use crate::proxy::state::Frontend;
@@ -78,21 +84,23 @@ mod tests {
         let mut s = MapState::default();
         s.rev_nat.insert(1, RevNat::new(WEB.ip, WEB.port));
         s.services.insert(
-            WEB.key(0),
+            WEB.key(SCOPE_EXTERNAL, 0),
             ServiceValue {
                 backend_id: 0,
                 count: ids.len() as u16,
                 rev_nat_id: 1,
+                ..Default::default()
             },
         );
         for (slot, &id) in ids.iter().enumerate() {
             s.backends.insert(id, backend(id as u8));
             s.services.insert(
-                WEB.key(slot as u16 + 1),
+                WEB.key(SCOPE_EXTERNAL, slot as u16 + 1),
                 ServiceValue {
                     backend_id: id,
                     count: 0,
                     rev_nat_id: 1,
+                    ..Default::default()
                 },
             );
         }
@@ -101,22 +109,24 @@ mod tests {
 
     fn slot(n: u16, id: u32) -> MapOp {
         MapOp::PutService(
-            WEB.key(n),
+            WEB.key(SCOPE_EXTERNAL, n),
             ServiceValue {
                 backend_id: id,
                 count: 0,
                 rev_nat_id: 1,
+                ..Default::default()
             },
         )
     }
 
     fn master(count: u16) -> MapOp {
         MapOp::PutService(
-            WEB.key(0),
+            WEB.key(SCOPE_EXTERNAL, 0),
             ServiceValue {
                 backend_id: 0,
                 count,
                 rev_nat_id: 1,
+                ..Default::default()
             },
         )
     }
@@ -152,7 +162,7 @@ mod tests {
                 vec![
                     slot(2, 3),
                     master(2),
-                    MapOp::DeleteService(WEB.key(3)),
+                    MapOp::DeleteService(WEB.key(SCOPE_EXTERNAL, 3)),
                     MapOp::DeleteBackend(2),
                 ],
             ),
@@ -161,9 +171,9 @@ mod tests {
                 web(&[1, 2]),
                 empty.clone(),
                 vec![
-                    MapOp::DeleteService(WEB.key(0)),
-                    MapOp::DeleteService(WEB.key(1)),
-                    MapOp::DeleteService(WEB.key(2)),
+                    MapOp::DeleteService(WEB.key(SCOPE_EXTERNAL, 0)),
+                    MapOp::DeleteService(WEB.key(SCOPE_EXTERNAL, 1)),
+                    MapOp::DeleteService(WEB.key(SCOPE_EXTERNAL, 2)),
                     MapOp::DeleteRevNat(1),
                     MapOp::DeleteBackend(1),
                     MapOp::DeleteBackend(2),

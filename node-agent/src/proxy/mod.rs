@@ -4,15 +4,18 @@ mod compile;
 mod diff;
 mod state;
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
 
-pub use compile::{Compiled, Ids, compile};
+pub use compile::{Compiled, HealthCheck, Ids, compile};
 pub use diff::diff;
 pub use state::{Frontend, MapOp, MapState, proto_name};
 
 use crate::{
     datapath::Datapath,
-    model::{Cluster, ObjectError},
+    model::{Cluster, Node, ObjectError},
 };
 
 /// What one sync did.
@@ -20,6 +23,8 @@ use crate::{
 pub struct SyncReport {
     pub writes: usize,
     pub errors: Vec<ObjectError>,
+    /// The healthCheckNodePort servers the Services ask for, by port.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
     pub elapsed: Duration,
 }
 
@@ -34,10 +39,16 @@ impl Proxy {
     pub fn sync(
         &mut self,
         cluster: &Cluster,
+        node: &Node,
         datapath: &mut Datapath,
     ) -> anyhow::Result<SyncReport> {
         let start = Instant::now();
-        let Compiled { state, ids, errors } = compile(cluster, &self.ids);
+        let Compiled {
+            state,
+            ids,
+            health_checks,
+            errors,
+        } = compile(cluster, node, &self.ids);
         self.ids = ids;
         let ops = diff(&self.applied, &state);
         for op in &ops {
@@ -48,6 +59,7 @@ impl Proxy {
         Ok(SyncReport {
             writes: ops.len(),
             errors,
+            health_checks,
             elapsed: start.elapsed(),
         })
     }

@@ -1,7 +1,13 @@
 //! The content of the datapath's Service maps as plain data, and the writes that change it.
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+};
 
 use node_common::{Backend, PROTO_TCP, PROTO_UDP, RevNat, ServiceKey, ServiceValue};
+
+use crate::model::Ipv4Cidr;
 
 /// A Service port as the datapath matches it: ClusterIP:port/protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -12,8 +18,8 @@ pub struct Frontend {
 }
 
 impl Frontend {
-    pub fn key(&self, slot: u16) -> ServiceKey {
-        ServiceKey::new(self.ip, self.port, self.proto, slot)
+    pub fn key(&self, scope: u8, slot: u16) -> ServiceKey {
+        ServiceKey::new(self.ip, self.port, self.proto, scope, slot)
     }
 
     pub fn of(key: &ServiceKey) -> Self {
@@ -40,12 +46,14 @@ pub fn proto_name(proto: u8) -> &'static str {
     }
 }
 
-/// What SERVICES, BACKENDS and REV_NAT hold (or should hold).
+/// What SERVICES, BACKENDS, REV_NAT and SOURCE_RANGES hold (or should hold).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapState {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, Backend>,
     pub rev_nat: BTreeMap<u16, RevNat>,
+    /// (reverse-NAT id of a LoadBalancer frontend, a source range it allows).
+    pub source_ranges: BTreeSet<(u16, Ipv4Cidr)>,
 }
 
 /// One map write.
@@ -53,8 +61,10 @@ pub struct MapState {
 pub enum MapOp {
     PutBackend(u32, Backend),
     PutRevNat(u16, RevNat),
+    PutSourceRange(u16, Ipv4Cidr),
     PutService(ServiceKey, ServiceValue),
     DeleteService(ServiceKey),
+    DeleteSourceRange(u16, Ipv4Cidr),
     DeleteRevNat(u16),
     DeleteBackend(u32),
 }
@@ -68,6 +78,12 @@ impl MapState {
             }
             MapOp::PutRevNat(id, rev_nat) => {
                 self.rev_nat.insert(id, rev_nat);
+            }
+            MapOp::PutSourceRange(id, cidr) => {
+                self.source_ranges.insert((id, cidr));
+            }
+            MapOp::DeleteSourceRange(id, cidr) => {
+                self.source_ranges.remove(&(id, cidr));
             }
             MapOp::PutService(key, value) => {
                 self.services.insert(key, value);
@@ -90,9 +106,29 @@ impl fmt::Display for MapOp {
         match self {
             Self::PutBackend(id, b) => write!(f, "put backend {id} ({}:{})", b.ip(), b.host_port()),
             Self::PutRevNat(id, _) => write!(f, "put reverse NAT {id}"),
-            Self::PutService(k, _) => write!(f, "put service {} slot {}", Frontend::of(k), k.slot),
+            Self::PutSourceRange(id, cidr) => {
+                write!(f, "put source range {cidr} of reverse NAT {id}")
+            }
+            Self::DeleteSourceRange(id, cidr) => {
+                write!(f, "delete source range {cidr} of reverse NAT {id}")
+            }
+            Self::PutService(k, _) => {
+                write!(
+                    f,
+                    "put service {} scope {} slot {}",
+                    Frontend::of(k),
+                    k.scope,
+                    k.slot
+                )
+            }
             Self::DeleteService(k) => {
-                write!(f, "delete service {} slot {}", Frontend::of(k), k.slot)
+                write!(
+                    f,
+                    "delete service {} scope {} slot {}",
+                    Frontend::of(k),
+                    k.scope,
+                    k.slot
+                )
             }
             Self::DeleteRevNat(id) => write!(f, "delete reverse NAT {id}"),
             Self::DeleteBackend(id) => write!(f, "delete backend {id}"),
