@@ -217,11 +217,16 @@ pub struct CtValue {
     pub _pad: [u8; 3],
 }
 
-/// The skb mark tc_ingress puts on a masqueraded packet for tc_egress, which rewrites its
-/// source to `Config::snat_address` and the port in the mark's low 16 bits (network order),
-/// after routing — as iptables does with KUBE-MARK-MASQ and POSTROUTING.
-pub const MASQ_MARK: u32 = 0x4e41_0000;
-pub const MASQ_MARK_MASK: u32 = 0xffff_0000;
+/// Source rewrites happen at egress, after routing, as netfilter does them in POSTROUTING: a
+/// forwarded packet must not carry a node address as its source while the kernel routes it
+/// (it would be dropped as a martian). tc_ingress leaves the work in the skb mark: the high 16
+/// bits say which rewrite, the low 16 bits with what.
+pub const MARK_KIND_MASK: u32 = 0xffff_0000;
+/// Masquerade: the source becomes `Config::snat_address` and the port in the low bits
+/// (network order).
+pub const MARK_MASQUERADE: u32 = 0x4e41_0000;
+/// Reverse NAT of a reply: the source becomes the frontend of the reverse-NAT id in the low bits.
+pub const MARK_REV_NAT: u32 = 0x4e42_0000;
 /// Ports masqueraded flows leave with: the ephemeral range, clear of the NodePort range.
 pub const SNAT_PORT_MIN: u16 = 32_768;
 pub const SNAT_PORT_MAX: u16 = 60_999;

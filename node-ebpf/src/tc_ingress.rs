@@ -1,6 +1,7 @@
 //! TC ingress on the node's devices: packets to a Service frontend are DNATed to a backend
-//! (and marked for masquerading where kube-proxy would masquerade), replies are translated
-//! back, a frontend with no usable backend rejects or drops, everything else passes untouched.
+//! (and marked for masquerading where kube-proxy would masquerade), replies are marked for
+//! reverse NAT (and de-masqueraded), a frontend with no usable backend rejects or drops,
+//! everything else passes untouched.
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
     cty::c_long,
@@ -10,14 +11,14 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use node_common::{
-    CT_REPLY, CT_SNAT, Config, CtKey, CtValue, MASQ_MARK, SCOPE_EXTERNAL, SCOPE_INTERNAL,
-    SNAT_PORT_MAX, SNAT_PORT_MIN, SOURCE_RANGE_FRONTEND_BITS, SVC_DROP_WHEN_EMPTY, SVC_ETP_LOCAL,
-    SVC_EXTERNAL, SVC_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRange,
+    CT_REPLY, CT_SNAT, Config, CtKey, CtValue, MARK_MASQUERADE, MARK_REV_NAT, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN, SOURCE_RANGE_FRONTEND_BITS, SVC_DROP_WHEN_EMPTY,
+    SVC_ETP_LOCAL, SVC_EXTERNAL, SVC_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRange,
 };
 
 use crate::{
     lb,
-    maps::{BACKENDS, CONNTRACK, REV_NAT, SERVICES, SOURCE_RANGES, config},
+    maps::{BACKENDS, CONNTRACK, SERVICES, SOURCE_RANGES, config},
     nat::{Side, rewrite},
     packet::{Flow, parse_flow},
     reject::reject,
@@ -67,7 +68,7 @@ fn try_tc_ingress(ctx: &TcContext) -> Result<i32, c_long> {
         let (address, port) = (backend.address, backend.port);
         rewrite(ctx, &flow, Side::Destination, address, port)?;
         if ct.flags & CT_SNAT != 0 {
-            ctx.set_mark(MASQ_MARK | u32::from(ct.nat_port));
+            ctx.set_mark(MARK_MASQUERADE | u32::from(ct.nat_port));
         }
         return Ok(TC_ACT_OK);
     }
@@ -131,7 +132,7 @@ fn new_flow(
         };
         forward.flags = CT_SNAT;
         forward.nat_port = port;
-        ctx.set_mark(MASQ_MARK | u32::from(port));
+        ctx.set_mark(MARK_MASQUERADE | u32::from(port));
     } else {
         let reply_key = CtKey {
             saddr: backend.address,
@@ -207,15 +208,12 @@ fn source_allowed(rev_nat_id: u16, source: u32) -> bool {
     SOURCE_RANGES.get(&key).is_some()
 }
 
-/// A reply from a backend: its source becomes the frontend again and, for a masqueraded flow,
-/// its destination the client again.
+/// A reply from a backend: for a masqueraded flow its destination becomes the client again now;
+/// its source becomes the frontend again at egress, after routing.
 fn reply(ctx: &TcContext, flow: &Flow, ct: &CtValue) -> Result<i32, c_long> {
-    if let Some(frontend) = unsafe { REV_NAT.get(ct.rev_nat_id) } {
-        let (address, port) = (frontend.address, frontend.port);
-        if ct.flags & CT_SNAT != 0 {
-            rewrite(ctx, flow, Side::Destination, ct.nat_addr, ct.nat_port)?;
-        }
-        rewrite(ctx, flow, Side::Source, address, port)?;
+    if ct.flags & CT_SNAT != 0 {
+        rewrite(ctx, flow, Side::Destination, ct.nat_addr, ct.nat_port)?;
     }
+    ctx.set_mark(MARK_REV_NAT | u32::from(ct.rev_nat_id));
     Ok(TC_ACT_OK)
 }

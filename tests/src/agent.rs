@@ -2,8 +2,7 @@
 //! stopped (SIGTERM, then SIGKILL) by its PID when the guard drops.
 use std::{
     fs::{self, File},
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::TcpStream,
+    io::{BufRead as _, BufReader},
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
@@ -18,7 +17,7 @@ use nix::{
     unistd::Pid,
 };
 
-use crate::netns::Netns;
+use crate::{client::http_get, netns::Netns};
 
 const HEALTH_BIND: &str = "127.0.0.1:10256";
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -51,12 +50,13 @@ pub fn binary() -> PathBuf {
 }
 
 impl Agent {
-    /// `BINARY run` in `node`, waiting until /healthz answers 200.
+    /// `BINARY run` in `node` with `extra` flags, waiting until /healthz answers 200.
     pub fn start(
         binary: &Path,
         node: &Netns,
         manifests: &Path,
         devices: &[String],
+        extra: &[&str],
     ) -> anyhow::Result<Self> {
         let bpffs = Path::new("/sys/fs/bpf").join(crate::unique("pins"));
         let netns = File::open(node.path())?;
@@ -72,6 +72,7 @@ impl Agent {
                 "--bpffs",
             ])
             .arg(&bpffs)
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -116,10 +117,8 @@ impl Agent {
                     self.logs().join("\n")
                 );
             }
-            if node
-                .run(|| healthz(HEALTH_BIND))?
-                .is_ok_and(|code| code == 200)
-            {
+            let healthz = || http_get(HEALTH_BIND.parse().expect("an address"), "/healthz");
+            if node.run(healthz)?.is_ok_and(|(code, _)| code == 200) {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -201,18 +200,4 @@ impl Drop for Agent {
             let _ = fs::remove_dir(&self.bpffs);
         }
     }
-}
-
-/// The status code of `GET /healthz` at `addr`.
-fn healthz(addr: &str) -> anyhow::Result<u16> {
-    let mut conn = TcpStream::connect(addr)?;
-    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
-    conn.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-    let mut response = String::new();
-    conn.read_to_string(&mut response)?;
-    let code = response
-        .split_whitespace()
-        .nth(1)
-        .context("empty HTTP response")?;
-    Ok(code.parse()?)
 }

@@ -1,5 +1,6 @@
-//! A backend: TCP and UDP servers on one port that answer with the backend's name. TCP
-//! connections get `NAME\n` and then have every line echoed; UDP datagrams get `NAME`.
+//! A backend: TCP and UDP servers on one port that answer with the backend's name and the
+//! client address they see (masqueraded or not). TCP connections get `NAME SEEN\n` and then
+//! have every line echoed; UDP datagrams get `NAME SEEN`.
 use std::{
     io::{BufRead as _, BufReader, ErrorKind, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
@@ -42,10 +43,10 @@ impl BackendServer {
         thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 match tcp.accept() {
-                    Ok((conn, _)) => {
+                    Ok((conn, peer)) => {
                         accepted.fetch_add(1, Ordering::Relaxed);
-                        let (stop, reply) = (stop.clone(), reply.clone());
-                        thread::spawn(move || serve_tcp(conn, &reply, &stop));
+                        let (stop, greeting) = (stop.clone(), format!("{reply} {}", peer.ip()));
+                        thread::spawn(move || serve_tcp(conn, &greeting, &stop));
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => thread::sleep(POLL),
                     Err(_) => thread::sleep(POLL),
@@ -57,7 +58,7 @@ impl BackendServer {
             let mut buf = [0u8; 1500];
             while !stop.load(Ordering::Relaxed) {
                 if let Ok((_, peer)) = udp.recv_from(&mut buf) {
-                    let _ = udp.send_to(reply.as_bytes(), peer);
+                    let _ = udp.send_to(format!("{reply} {}", peer.ip()).as_bytes(), peer);
                 }
             }
         });
@@ -70,14 +71,14 @@ impl BackendServer {
     }
 }
 
-fn serve_tcp(conn: TcpStream, name: &str, stop: &AtomicBool) {
+fn serve_tcp(conn: TcpStream, greeting: &str, stop: &AtomicBool) {
     let _ = conn.set_nonblocking(false);
     let _ = conn.set_read_timeout(Some(Duration::from_millis(50)));
     let mut writer = match conn.try_clone() {
         Ok(w) => w,
         Err(_) => return,
     };
-    if writeln!(writer, "{name}").is_err() {
+    if writeln!(writer, "{greeting}").is_err() {
         return;
     }
     let mut reader = BufReader::new(conn);

@@ -39,6 +39,7 @@ pub fn endpoint_slice(
     }))
 }
 
-fn yaml(value: serde_json::Value) -> String {
+/// Any object, as YAML.
+pub fn yaml(value: serde_json::Value) -> String {
     serde_yaml::to_string(&value).expect("a JSON value is valid YAML")
 }

@@ -10,6 +10,8 @@ use std::net::Ipv4Addr;
 use crate::netns::{Netns, ip};
 
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+/// The node's address facing the client: its first device's, so the masquerade address.
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 /// The node's device facing the client.
 pub const NODE_CLIENT_DEVICE: &str = "nc";
 
@@ -35,7 +37,7 @@ impl Topology {
             CLIENT_IP,
             &node,
             NODE_CLIENT_DEVICE,
-            Ipv4Addr::new(198, 18, 1, 1),
+            NODE_IP,
         )?;
         let mut namespaces = Vec::new();
         for i in 1..=backends {
@@ -56,6 +58,29 @@ impl Topology {
             node,
             backends: namespaces,
         })
+    }
+
+    /// Adds `address`/24 to the client, routed back to it by the node: a second client source.
+    pub fn add_client_address(&self, address: Ipv4Addr) -> anyhow::Result<()> {
+        ip(&[
+            "-n",
+            self.client.name(),
+            "addr",
+            "add",
+            &format!("{address}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        let net = Ipv4Addr::from(u32::from(address) & 0xffff_ff00);
+        ip(&[
+            "-n",
+            self.node.name(),
+            "route",
+            "add",
+            &format!("{net}/24"),
+            "dev",
+            NODE_CLIENT_DEVICE,
+        ])
     }
 
     /// Every node device: where the datapath attaches.

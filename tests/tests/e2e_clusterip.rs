@@ -73,6 +73,7 @@ fn start() -> Node {
         &topology.node,
         manifests.path(),
         &topology.node_devices(),
+        &[],
     )
     .unwrap();
     Node {
@@ -159,7 +160,7 @@ fn removing_an_endpoint_moves_new_flows_within_a_second_and_keeps_established_on
         .run(|| {
             loop {
                 let conn = Connection::open(FRONTEND).unwrap();
-                if conn.backend != "backend-3" {
+                if conn.answer.backend != "backend-3" {
                     break conn;
                 }
             }

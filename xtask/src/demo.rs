@@ -44,6 +44,7 @@ pub fn run(agent_binary: &Path, manifests: &Path) -> anyhow::Result<()> {
         &topology.node,
         dir.path(),
         &topology.node_devices(),
+        &[],
     )?;
     println!("== node-agent lb list\n{}", agent.lb_list()?);
 

@@ -15,6 +15,9 @@ pub fn diff(applied: &MapState, desired: &MapState) -> Vec<MapOp> {
     ops.extend(
         changed(&applied.rev_nat, &desired.rev_nat).map(|(&id, &r)| MapOp::PutRevNat(id, r)),
     );
+    // Source ranges before the masters whose flag makes the datapath check them.
+    let new_ranges = desired.source_ranges.difference(&applied.source_ranges);
+    ops.extend(new_ranges.map(|&(id, c)| MapOp::PutSourceRange(id, c)));
     // Slots before masters: a master never counts a slot that is not written yet.
     let puts = changed(&applied.services, &desired.services);
     let (masters, slots): (Vec<_>, Vec<_>) = puts.partition(|(key, _)| is_master(key.slot));
@@ -64,10 +67,12 @@ fn removed<'a, K: Ord, V>(
 mod tests {
     use std::net::Ipv4Addr;
 
-    use node_common::{Backend, PROTO_TCP, RevNat, SCOPE_EXTERNAL, ServiceValue};
+    use node_common::{
+        Backend, PROTO_TCP, RevNat, SCOPE_EXTERNAL, SVC_SOURCE_RANGES, ServiceValue,
+    };
 
     use super::*;
-    use crate::proxy::state::Frontend;
+    use crate::{model::Ipv4Cidr, proxy::state::Frontend};
 
     const WEB: Frontend = Frontend {
         ip: Ipv4Addr::new(10, 96, 0, 10),
@@ -131,6 +136,32 @@ mod tests {
         )
     }
 
+    const RANGE: Ipv4Cidr = Ipv4Cidr {
+        address: Ipv4Addr::new(203, 0, 113, 0),
+        prefix: 24,
+    };
+
+    /// `state` with RANGE on WEB's frontend, and its master checking it.
+    fn with_range(mut state: MapState) -> MapState {
+        state.source_ranges.insert((1, RANGE));
+        state
+            .services
+            .get_mut(&WEB.key(SCOPE_EXTERNAL, 0))
+            .unwrap()
+            .flags |= SVC_SOURCE_RANGES;
+        state
+    }
+
+    fn master_with(count: u16, flags: u16) -> MapOp {
+        let value = ServiceValue {
+            count,
+            rev_nat_id: 1,
+            flags,
+            ..Default::default()
+        };
+        MapOp::PutService(WEB.key(SCOPE_EXTERNAL, 0), value)
+    }
+
     #[test]
     fn diff_table() {
         let empty = MapState::default();
@@ -178,6 +209,21 @@ mod tests {
                     MapOp::DeleteBackend(1),
                     MapOp::DeleteBackend(2),
                 ],
+            ),
+            (
+                "source ranges: written before the master that checks them, deleted after it",
+                web(&[1]),
+                with_range(web(&[1])),
+                vec![
+                    MapOp::PutSourceRange(1, RANGE),
+                    master_with(1, SVC_SOURCE_RANGES),
+                ],
+            ),
+            (
+                "source ranges removed: the master stops checking first",
+                with_range(web(&[1])),
+                web(&[1]),
+                vec![master_with(1, 0), MapOp::DeleteSourceRange(1, RANGE)],
             ),
         ];
         for (name, applied, desired, want) in cases {
