@@ -40,7 +40,7 @@ fn addr(ip: Ipv4Addr, port: u16) -> SocketAddr {
 
 /// Fields drop in order: the agent stops before the namespaces go.
 struct Node {
-    agent: Agent,
+    _agent: Agent,
     _servers: Vec<BackendServer>,
     manifests: tempfile::TempDir,
     topology: Topology,
