@@ -71,7 +71,7 @@ impl Node {
         )
         .unwrap();
         Node {
-            agent,
+            _agent: agent,
             _servers,
             manifests,
             topology,
