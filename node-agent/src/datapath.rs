@@ -67,11 +67,10 @@ impl Hook {
     }
 }
 
-/// The loaded datapath. Dropping it is the one place that decides what outlives the agent: for
-/// now nothing does (programs detach, pins are removed).
+/// The loaded datapath; see `Pins` for what outlives it.
 pub struct Datapath {
     ebpf: Ebpf,
-    pin_dir: PathBuf,
+    _pins: Pins,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, Backend>,
     rev_nat: HashMap<MapData, u16, RevNat>,
@@ -99,6 +98,9 @@ impl Datapath {
     pub fn load(pin_dir: &Path, config: &Config) -> anyhow::Result<Self> {
         ensure_bpffs(pin_dir)?;
         fs::create_dir_all(pin_dir).with_context(|| format!("creating {}", pin_dir.display()))?;
+        let pins = Pins {
+            dir: pin_dir.to_owned(),
+        };
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .override_global(CONFIG_GLOBAL, config, true)
@@ -127,7 +129,7 @@ impl Datapath {
             rev_nat: rev_nat.try_into()?,
             source_ranges: source_ranges.try_into()?,
             ebpf,
-            pin_dir: pin_dir.to_owned(),
+            _pins: pins,
         })
     }
 
@@ -198,18 +200,25 @@ impl Datapath {
     }
 }
 
-impl Drop for Datapath {
+/// The datapath's pin directory. Dropping it is the one place that decides what outlives the
+/// agent: for now nothing does (its map pins are removed; programs detach when the Ebpf goes).
+/// It exists before anything is pinned, so a failed load cleans up too.
+struct Pins {
+    dir: PathBuf,
+}
+
+impl Drop for Pins {
     fn drop(&mut self) {
         // Only the pins this agent makes: --bpffs may name a shared directory.
         for name in PINNED_MAPS {
-            let pin = self.pin_dir.join(name);
+            let pin = self.dir.join(name);
             if let Err(e) = fs::remove_file(&pin)
                 && e.kind() != io::ErrorKind::NotFound
             {
                 tracing::warn!("removing pin {}: {e}", pin.display());
             }
         }
-        let _ = fs::remove_dir(&self.pin_dir);
+        let _ = fs::remove_dir(&self.dir);
     }
 }
 

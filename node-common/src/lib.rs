@@ -12,6 +12,7 @@ use core::net::Ipv4Addr;
 /// IANA protocol numbers, as in the IPv4 header.
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_SCTP: u8 = 132;
 
 /// Map names, shared by the `#[map]` statics in node-ebpf and the agent's lookups.
 pub const SERVICES_MAP: &str = "SERVICES";

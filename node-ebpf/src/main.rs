@@ -7,6 +7,7 @@ mod maps;
 mod nat;
 mod packet;
 mod reject;
+mod sctp;
 mod tc_egress;
 mod tc_ingress;
 

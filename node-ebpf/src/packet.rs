@@ -2,7 +2,7 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::TcContext;
-use node_common::{CtKey, PROTO_TCP, PROTO_UDP};
+use node_common::{CtKey, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -35,21 +35,21 @@ struct Ipv4Hdr {
     daddr: u32,
 }
 
-/// The first four bytes of TCP and UDP headers alike.
+/// The first four bytes of TCP, UDP and SCTP headers alike.
 #[repr(C)]
 struct L4Ports {
     source: u16,
     dest: u16,
 }
 
-/// An IPv4 TCP or UDP packet: its 5-tuple (wire order) and where its L4 header starts.
+/// An IPv4 TCP, UDP or SCTP packet: its 5-tuple (wire order) and where its L4 header starts.
 pub struct Flow {
     pub tuple: CtKey,
     pub l4_off: usize,
 }
 
 impl Flow {
-    /// Offset of the L4 checksum field.
+    /// Offset of the L4 checksum field (TCP and UDP; SCTP's CRC32c sits at 8).
     pub fn l4_csum_off(&self) -> usize {
         self.l4_off + if self.tuple.proto == PROTO_TCP { 16 } else { 6 }
     }
@@ -64,7 +64,7 @@ fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
     Some((start + offset) as *const T)
 }
 
-/// Parses an unfragmented IPv4 TCP/UDP packet. `None` for anything else, which the datapath
+/// Parses an unfragmented IPv4 TCP/UDP/SCTP packet. `None` for anything else, which the datapath
 /// passes untouched.
 #[inline(always)]
 pub fn parse_flow(ctx: &TcContext) -> Option<Flow> {
@@ -82,7 +82,8 @@ pub fn parse_flow(ctx: &TcContext) -> Option<Flow> {
             (*ip).daddr,
         )
     };
-    if u16::from_be(frag_off) & IP_FRAGMENT_MASK != 0 || (proto != PROTO_TCP && proto != PROTO_UDP)
+    if u16::from_be(frag_off) & IP_FRAGMENT_MASK != 0
+        || !matches!(proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP)
     {
         return None;
     }

@@ -5,7 +5,7 @@ use std::{
     io::{BufRead as _, BufReader},
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
+    process::{Child, Command, ExitStatus, Output, Stdio},
     sync::{Arc, Mutex},
     thread,
     time::{Duration, Instant},
@@ -60,7 +60,7 @@ impl Agent {
     ) -> anyhow::Result<Self> {
         let bpffs = Path::new("/sys/fs/bpf").join(crate::unique("pins"));
         let netns = File::open(node.path())?;
-        let mut command = Command::new(binary);
+        let mut command = in_netns(binary, &netns);
         command
             .args(["run", "--manifests"])
             .arg(manifests)
@@ -74,20 +74,8 @@ impl Agent {
             .arg(&bpffs)
             .args(extra)
             .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let fd = netns.as_raw_fd();
-        // SAFETY: setns is async-signal-safe; it moves only the child into the node namespace
-        // (not `ip netns exec`, which would hide bpffs behind a fresh /sys).
-        unsafe {
-            command.pre_exec(move || {
-                if nix::libc::setns(fd, nix::libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
         let mut child = command.spawn().context("starting node-agent")?;
         let logs = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().expect("piped stderr");
@@ -200,4 +188,33 @@ impl Drop for Agent {
             let _ = fs::remove_dir(&self.bpffs);
         }
     }
+}
+
+/// `BINARY ARGS` run to its end inside `node`, as a user would run a one-shot command there.
+pub fn run_to_exit(binary: &Path, node: &Netns, args: &[&str]) -> anyhow::Result<Output> {
+    let netns = File::open(node.path())?;
+    Ok(in_netns(binary, &netns)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()?)
+}
+
+/// A command that runs `binary` inside the network namespace `netns` (an open /run/netns file
+/// that must outlive the spawn).
+fn in_netns(binary: &Path, netns: &File) -> Command {
+    let mut command = Command::new(binary);
+    command.stdin(Stdio::null());
+    let fd = netns.as_raw_fd();
+    // SAFETY: setns is async-signal-safe; it moves only the child into the node namespace
+    // (not `ip netns exec`, which would hide bpffs behind a fresh /sys).
+    unsafe {
+        command.pre_exec(move || {
+            if nix::libc::setns(fd, nix::libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command
 }

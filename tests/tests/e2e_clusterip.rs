@@ -10,7 +10,7 @@ use std::{
 };
 
 use node_agent_tests::{
-    agent::{Agent, binary},
+    agent::{Agent, binary, run_to_exit},
     backend::BackendServer,
     client::{Connection, tcp_spread, udp_spread},
     manifest::{endpoint_slice, service},
@@ -289,10 +289,41 @@ fn a_malformed_manifest_is_reported_and_everything_else_keeps_working() {
         .client
         .run(|| tcp_spread(FRONTEND, 30))
         .unwrap();
-    assert_spread(
+    assert_all_reach(
         "TCP with a malformed neighbour",
         &tcp,
         30,
         &["backend-1", "backend-2", "backend-3"],
     );
+}
+
+#[test]
+fn a_missing_device_fails_the_start_clearly_and_leaves_no_pins() {
+    let topology = Topology::new(0).unwrap();
+    let manifests = tempfile::tempdir().unwrap();
+    let bpffs = Path::new("/sys/fs/bpf").join(node_agent_tests::unique("pins"));
+    let dir = manifests.path().to_str().unwrap();
+    let args = [
+        "run",
+        "--manifests",
+        dir,
+        "--devices",
+        "nc,nosuch0",
+        "--health-bind",
+        "127.0.0.1:10256",
+        "--bpffs",
+    ];
+    let out = run_to_exit(
+        &binary(),
+        &topology.node,
+        &[&args[..], &[bpffs.to_str().unwrap()]].concat(),
+    )
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("nosuch0"),
+        "the error names the device: {stderr}"
+    );
+    assert!(!bpffs.exists(), "pins left at {}", bpffs.display());
 }

@@ -14,6 +14,8 @@ const DNS_VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 53);
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 99);
 const WEB_BACKEND: Ipv4Addr = Ipv4Addr::new(198, 18, 11, 2);
 const DNS_BACKEND: Ipv4Addr = Ipv4Addr::new(198, 18, 12, 2);
+const SCTP_VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 38);
+const SCTP_BACKEND: Ipv4Addr = Ipv4Addr::new(198, 18, 13, 2);
 
 fn zero_udp_checksum(mut frame: Vec<u8>) -> Vec<u8> {
     let l4 = 14 + usize::from(frame[14] & 0x0f) * 4;
@@ -42,6 +44,23 @@ fn clusterip_golden_packets() {
                 &[("http", 80, "TCP"), ("dns", 53, "UDP")],
             ),
         ),
+        (
+            "sctp.yaml",
+            service(
+                "diameter",
+                SCTP_VIP,
+                &[("diameter", 3868, "SCTP"), ("same", 3869, "SCTP")],
+            ),
+        ),
+        (
+            "sctp-slice.yaml",
+            endpoint_slice(
+                "diameter-1",
+                "diameter",
+                &[("diameter", 3869, "SCTP"), ("same", 3869, "SCTP")],
+                &[SCTP_BACKEND],
+            ),
+        ),
     ]);
     let client = sock(CLIENT, 40000);
     let syn = Packet::new(L4::Syn, client, sock(WEB_VIP, 80));
@@ -60,6 +79,9 @@ fn clusterip_golden_packets() {
     };
     let no_endpoints_tcp = Packet::new(L4::Syn, client, sock(EMPTY_VIP, 80));
     let no_endpoints_udp = Packet::new(L4::Udp, client, sock(EMPTY_VIP, 53));
+    let sctp = Packet::new(L4::Sctp, sock(CLIENT, 40006), sock(SCTP_VIP, 3868));
+    let sctp_reply = Packet::new(L4::Sctp, sock(SCTP_BACKEND, 3869), sock(CLIENT, 40006));
+    let sctp_same_port = Packet::new(L4::Sctp, sock(CLIENT, 40007), sock(SCTP_VIP, 3869));
     let mut arp = vec![0xff; 6];
     arp.extend([2, 0, 0, 0, 0, 1, 0x08, 0x06]);
     arp.extend([0u8; 28]);
@@ -126,6 +148,21 @@ fn clusterip_golden_packets() {
             name: "non-IPv4 (ARP) passes untouched",
             input: arp,
             expect: Expect::Unchanged,
+        },
+        Row {
+            name: "SCTP to a ClusterIP is DNATed to another port, its CRC32c computed again",
+            input: sctp.frame(),
+            expect: Expect::Becomes(sctp.with_dst(sock(SCTP_BACKEND, 3869)).frame()),
+        },
+        Row {
+            name: "the SCTP reply is reverse-NATed, its CRC32c computed again",
+            input: sctp_reply.frame(),
+            expect: Expect::Becomes(sctp_reply.with_src(sock(SCTP_VIP, 3868)).frame()),
+        },
+        Row {
+            name: "SCTP with an unchanged port keeps its CRC32c (addresses are not covered)",
+            input: sctp_same_port.frame(),
+            expect: Expect::Becomes(sctp_same_port.with_dst(sock(SCTP_BACKEND, 3869)).frame()),
         },
         Row {
             name: "TCP to a Service without endpoints is rejected with ICMP port unreachable",

@@ -17,7 +17,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use node_common::{
-    BACKENDS_MAX_ENTRIES, Backend, MAX_BACKENDS_PER_SERVICE, PROTO_TCP, PROTO_UDP,
+    BACKENDS_MAX_ENTRIES, Backend, MAX_BACKENDS_PER_SERVICE, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
     REV_NAT_MAX_ENTRIES, RevNat, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_AFFINITY, SVC_DROP_WHEN_EMPTY,
     SVC_ETP_LOCAL, SVC_EXTERNAL, SVC_SOURCE_RANGES, ServiceValue,
 };
@@ -641,7 +641,7 @@ fn protocol(name: Option<&str>) -> Result<u8, String> {
     match name.unwrap_or("TCP") {
         "TCP" => Ok(PROTO_TCP),
         "UDP" => Ok(PROTO_UDP),
-        "SCTP" => Err("SCTP is not supported yet".into()),
+        "SCTP" => Ok(PROTO_SCTP),
         other => Err(format!("{other:?} is not TCP, UDP or SCTP")),
     }
 }

@@ -5,7 +5,7 @@ use std::{
     net::Ipv4Addr,
 };
 
-use node_common::{Backend, PROTO_TCP, PROTO_UDP, RevNat, ServiceKey, ServiceValue};
+use node_common::{Backend, PROTO_SCTP, PROTO_TCP, PROTO_UDP, RevNat, ServiceKey, ServiceValue};
 
 use crate::model::Ipv4Cidr;
 
@@ -42,6 +42,7 @@ pub fn proto_name(proto: u8) -> &'static str {
     match proto {
         PROTO_TCP => "TCP",
         PROTO_UDP => "UDP",
+        PROTO_SCTP => "SCTP",
         _ => "?",
     }
 }

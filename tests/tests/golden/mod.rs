@@ -39,6 +39,8 @@ pub enum L4 {
     SynAck,
     Ack,
     Udp,
+    /// An SCTP INIT chunk.
+    Sctp,
 }
 
 /// A frame as a client or backend would send it.
@@ -71,10 +73,10 @@ impl Packet {
     }
 
     fn ip_header(&self) -> Ipv4Header {
-        let proto = if self.l4 == L4::Udp {
-            IpNumber::UDP
-        } else {
-            IpNumber::TCP
+        let proto = match self.l4 {
+            L4::Udp => IpNumber::UDP,
+            L4::Sctp => IpNumber::SCTP,
+            L4::Syn | L4::SynAck | L4::Ack => IpNumber::TCP,
         };
         let mut ip =
             Ipv4Header::new(0, 64, proto, self.src.ip().octets(), self.dst.ip().octets()).unwrap();
@@ -84,6 +86,9 @@ impl Packet {
     }
 
     pub fn frame(&self) -> Vec<u8> {
+        if self.l4 == L4::Sctp {
+            return self.sctp_frame();
+        }
         let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
             .ip(IpHeaders::Ipv4(self.ip_header(), Default::default()));
         let (sport, dport) = (self.src.port(), self.dst.port());
@@ -104,8 +109,34 @@ impl Packet {
                 .ack(5001)
                 .write(&mut out, payload),
             L4::Udp => builder.udp(sport, dport).write(&mut out, payload),
+            L4::Sctp => unreachable!("built by sctp_frame"),
         }
         .unwrap();
+        out
+    }
+
+    /// Ethernet, IPv4 and an SCTP packet carrying an INIT chunk, with its CRC32c.
+    fn sctp_frame(&self) -> Vec<u8> {
+        let mut sctp = Vec::new();
+        sctp.extend(self.src.port().to_be_bytes());
+        sctp.extend(self.dst.port().to_be_bytes());
+        sctp.extend([0, 0, 0, 0, 0, 0, 0, 0]); // verification tag 0 (INIT), checksum
+        sctp.extend([1, 0, 0, 20]); // INIT, flags, chunk length
+        sctp.extend([0xca, 0xfe, 0xf0, 0x0d, 0, 1, 0, 0, 0, 10, 0, 10, 0, 0, 0, 1]);
+        let crc = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI).checksum(&sctp);
+        sctp[8..12].copy_from_slice(&crc.to_le_bytes());
+        let mut ip = self.ip_header();
+        ip.set_payload_len(sctp.len()).unwrap();
+        let mut out = Vec::new();
+        etherparse::Ethernet2Header {
+            source: CLIENT_MAC,
+            destination: NODE_MAC,
+            ether_type: etherparse::EtherType::IPV4,
+        }
+        .write(&mut out)
+        .unwrap();
+        ip.write(&mut out).unwrap();
+        out.extend(sctp);
         out
     }
 
