@@ -75,6 +75,7 @@ impl NodeConfig {
         (
             Node {
                 name: self.name.clone(),
+                ips: ips.to_vec(),
                 nodeport_ips,
             },
             config,

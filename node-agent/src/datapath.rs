@@ -18,9 +18,9 @@ use aya::{
 };
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 use node_common::{
-    AFFINITY_MAP, BACKENDS_MAP, Backend, CONFIG_GLOBAL, CONNTRACK_MAP, Config, REV_NAT_MAP, RevNat,
-    SERVICES_MAP, SOURCE_RANGE_FRONTEND_BITS, SOURCE_RANGES_MAP, ServiceKey, ServiceValue,
-    SourceRange,
+    AFFINITY_MAP, BACKENDS_MAP, Backend, CLUSTER_IPS_MAP, CONFIG_GLOBAL, CONNTRACK_MAP, Config,
+    REV_NAT_MAP, RevNat, SERVICES_MAP, SOURCE_RANGE_FRONTEND_BITS, SOURCE_RANGES_MAP, ServiceKey,
+    ServiceValue, SourceRange,
 };
 
 use crate::{
@@ -31,13 +31,14 @@ use crate::{
 /// The object node-agent's build script compiled from node-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/node-ebpf"));
 
-const PINNED_MAPS: [&str; 6] = [
+const PINNED_MAPS: [&str; 7] = [
     SERVICES_MAP,
     BACKENDS_MAP,
     REV_NAT_MAP,
     CONNTRACK_MAP,
     AFFINITY_MAP,
     SOURCE_RANGES_MAP,
+    CLUSTER_IPS_MAP,
 ];
 
 /// Where a program runs on a device.
@@ -75,6 +76,7 @@ pub struct Datapath {
     backends: HashMap<MapData, u32, Backend>,
     rev_nat: HashMap<MapData, u16, RevNat>,
     source_ranges: LpmTrie<MapData, SourceRange, u8>,
+    cluster_ips: HashMap<MapData, u32, u8>,
 }
 
 /// The result of one BPF_PROG_TEST_RUN.
@@ -122,12 +124,13 @@ impl Datapath {
         };
         let (services, backends, rev_nat) =
             (take(SERVICES_MAP)?, take(BACKENDS_MAP)?, take(REV_NAT_MAP)?);
-        let source_ranges = take(SOURCE_RANGES_MAP)?;
+        let (source_ranges, cluster_ips) = (take(SOURCE_RANGES_MAP)?, take(CLUSTER_IPS_MAP)?);
         Ok(Self {
             services: services.try_into()?,
             backends: backends.try_into()?,
             rev_nat: rev_nat.try_into()?,
             source_ranges: source_ranges.try_into()?,
+            cluster_ips: cluster_ips.try_into()?,
             ebpf,
             _pins: pins,
         })
@@ -163,6 +166,11 @@ impl Datapath {
             MapOp::DeleteSourceRange(id, cidr) => {
                 self.source_ranges.remove(&source_range_key(id, cidr))
             }
+            MapOp::PutClusterIp(ip) => {
+                self.cluster_ips
+                    .insert(u32::from_ne_bytes(ip.octets()), 1, 0)
+            }
+            MapOp::DeleteClusterIp(ip) => self.cluster_ips.remove(&u32::from_ne_bytes(ip.octets())),
             MapOp::DeleteRevNat(id) => self.rev_nat.remove(&id),
             MapOp::DeleteBackend(id) => self.backends.remove(&id),
         }
@@ -258,6 +266,7 @@ pub fn read_pinned(pin_dir: &Path) -> anyhow::Result<MapState> {
     let services: HashMap<_, ServiceKey, ServiceValue> = open(pin_dir, SERVICES_MAP)?.try_into()?;
     let backends: HashMap<_, u32, Backend> = open(pin_dir, BACKENDS_MAP)?.try_into()?;
     let rev_nat: HashMap<_, u16, RevNat> = open(pin_dir, REV_NAT_MAP)?.try_into()?;
+    let cluster_ips: HashMap<_, u32, u8> = open(pin_dir, CLUSTER_IPS_MAP)?.try_into()?;
     let source_ranges: LpmTrie<_, SourceRange, u8> =
         open(pin_dir, SOURCE_RANGES_MAP)?.try_into()?;
     let source_ranges = source_ranges
@@ -285,6 +294,10 @@ pub fn read_pinned(pin_dir: &Path) -> anyhow::Result<MapState> {
         backends: backends.iter().collect::<Result<_, _>>()?,
         rev_nat: rev_nat.iter().collect::<Result<_, _>>()?,
         source_ranges,
+        cluster_ips: cluster_ips
+            .keys()
+            .map(|ip| ip.map(|ip| Ipv4Addr::from(ip.to_ne_bytes())))
+            .collect::<Result<_, _>>()?,
     })
 }
 

@@ -51,6 +51,8 @@ impl fmt::Display for ObjectError {
 pub struct Node {
     /// Endpoints with this `nodeName` are local.
     pub name: String,
+    /// All the node's addresses.
+    pub ips: Vec<Ipv4Addr>,
     /// The addresses NodePorts are served on (the node IPs allowed by --nodeport-addresses).
     pub nodeport_ips: Vec<Ipv4Addr>,
 }

@@ -21,6 +21,7 @@ pub const REV_NAT_MAP: &str = "REV_NAT";
 pub const CONNTRACK_MAP: &str = "CONNTRACK";
 pub const AFFINITY_MAP: &str = "AFFINITY";
 pub const SOURCE_RANGES_MAP: &str = "SOURCE_RANGES";
+pub const CLUSTER_IPS_MAP: &str = "CLUSTER_IPS";
 /// The `Config` global in node-ebpf's read-only data, set by the agent at load time.
 pub const CONFIG_GLOBAL: &str = "CONFIG";
 
@@ -32,6 +33,7 @@ pub const REV_NAT_MAX_ENTRIES: u32 = 65_535;
 pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
 pub const AFFINITY_MAX_ENTRIES: u32 = 65_536;
 pub const SOURCE_RANGES_MAX_ENTRIES: u32 = 16_384;
+pub const CLUSTER_IPS_MAX_ENTRIES: u32 = 65_536;
 
 /// The most backends one frontend may have: a Service beyond it is reported, not truncated
 /// silently.

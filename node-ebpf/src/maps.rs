@@ -7,8 +7,9 @@ use aya_ebpf::{
 };
 use node_common::{
     AFFINITY_MAX_ENTRIES, AffinityKey, AffinityValue, BACKENDS_MAX_ENTRIES, Backend,
-    CONNTRACK_MAX_ENTRIES, Cidr, Config, CtKey, CtValue, REV_NAT_MAX_ENTRIES, RevNat,
-    SERVICES_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES, ServiceKey, ServiceValue, SourceRange,
+    CLUSTER_IPS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, Cidr, Config, CtKey, CtValue,
+    REV_NAT_MAX_ENTRIES, RevNat, SERVICES_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES, ServiceKey,
+    ServiceValue, SourceRange,
 };
 
 #[map]
@@ -26,6 +27,11 @@ pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(CONNTRACK_
 #[map]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::pinned(AFFINITY_MAX_ENTRIES, 0);
+
+/// Every allocated ClusterIP (network order → 1): traffic to one on a port no Service serves
+/// is rejected, traffic to any other address of the service range dropped.
+#[map]
+pub static CLUSTER_IPS: HashMap<u32, u8> = HashMap::pinned(CLUSTER_IPS_MAX_ENTRIES, 0);
 
 #[map]
 pub static SOURCE_RANGES: LpmTrie<SourceRange, u8> = LpmTrie::pinned(SOURCE_RANGES_MAX_ENTRIES, 0);

@@ -18,7 +18,7 @@ use node_common::{
 
 use crate::{
     lb,
-    maps::{BACKENDS, CONNTRACK, SERVICES, SOURCE_RANGES, config},
+    maps::{BACKENDS, CLUSTER_IPS, CONNTRACK, SERVICES, SOURCE_RANGES, config},
     nat::{Side, rewrite},
     packet::{Flow, parse_flow},
     reject::reject,
@@ -55,7 +55,11 @@ fn try_tc_ingress(ctx: &TcContext) -> Result<i32, c_long> {
     // The frontend is looked up on every packet, so a deleted Service stops attracting
     // traffic at once, even for flows conntrack still knows.
     let Some(master) = unsafe { SERVICES.get(frontend) }.copied() else {
-        // An address of the service range that no Service uses goes nowhere.
+        // A ClusterIP on a port or protocol no Service serves rejects; an address of the
+        // service range that no Service uses goes nowhere (kube-proxy's nftables mode).
+        if unsafe { CLUSTER_IPS.get(t.daddr) }.is_some() {
+            return reject(ctx, &flow);
+        }
         return Ok(if config().service_cidr.contains(t.daddr) {
             TC_ACT_SHOT
         } else {

@@ -82,6 +82,8 @@ fn clusterip_golden_packets() {
     let sctp = Packet::new(L4::Sctp, sock(CLIENT, 40006), sock(SCTP_VIP, 3868));
     let sctp_reply = Packet::new(L4::Sctp, sock(SCTP_BACKEND, 3869), sock(CLIENT, 40006));
     let sctp_same_port = Packet::new(L4::Sctp, sock(CLIENT, 40007), sock(SCTP_VIP, 3869));
+    let other_port = Packet::new(L4::Syn, client, sock(WEB_VIP, 81));
+    let other_protocol = Packet::new(L4::Udp, client, sock(WEB_VIP, 80));
     let mut arp = vec![0xff; 6];
     arp.extend([2, 0, 0, 0, 0, 1, 0x08, 0x06]);
     arp.extend([0u8; 28]);
@@ -130,14 +132,14 @@ fn clusterip_golden_packets() {
             expect: Expect::Unchanged,
         },
         Row {
-            name: "another port of the ClusterIP passes untouched",
-            input: Packet::new(L4::Syn, client, sock(WEB_VIP, 81)).frame(),
-            expect: Expect::Unchanged,
+            name: "another port of the ClusterIP is rejected",
+            input: other_port.frame(),
+            expect: Expect::Rejected(other_port.port_unreachable()),
         },
         Row {
-            name: "another protocol on the Service port passes untouched",
-            input: Packet::new(L4::Udp, client, sock(WEB_VIP, 80)).frame(),
-            expect: Expect::Unchanged,
+            name: "another protocol on the Service port is rejected",
+            input: other_protocol.frame(),
+            expect: Expect::Rejected(other_protocol.port_unreachable()),
         },
         Row {
             name: "an IP fragment passes untouched",

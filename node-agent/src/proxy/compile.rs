@@ -184,6 +184,7 @@ pub fn compile(cluster: &Cluster, node: &Node, previous: &Ids) -> Compiled {
             backends: IdTable::after(&previous.backends),
             rev_nat: IdTable::after(&previous.rev_nat),
         },
+        node,
         previous,
         owners: BTreeMap::new(),
         errors,
@@ -199,6 +200,7 @@ pub fn compile(cluster: &Cluster, node: &Node, previous: &Ids) -> Compiled {
                 continue;
             }
         };
+        out.state.cluster_ips.insert(spec.cluster_ip);
         let mut local_ready = BTreeSet::new();
         for port in &spec.ports {
             let endpoints = endpoints_of(port, slices.get(name));
@@ -293,6 +295,7 @@ struct Common<'a> {
 struct Emitter<'a> {
     state: MapState,
     ids: Ids,
+    node: &'a Node,
     previous: &'a Ids,
     /// Which Service holds each frontend: the first one keeps it.
     owners: BTreeMap<Frontend, ObjectName>,
@@ -339,9 +342,22 @@ impl Emitter<'_> {
         let mut flags = flags;
         if !source_ranges.is_empty() {
             flags |= SVC_SOURCE_RANGES;
-            self.state
-                .source_ranges
-                .extend(source_ranges.iter().map(|&c| (rev_nat_id, c)));
+            let ranges = &mut self.state.source_ranges;
+            ranges.extend(source_ranges.iter().map(|&c| (rev_nat_id, c)));
+            // Like kube-proxy: when the node may connect, so may the LB IP itself (the node's
+            // own connections to it are assumed SNATed to it on the way back in).
+            if source_ranges
+                .iter()
+                .any(|c| self.node.ips.iter().any(|&ip| c.contains(ip)))
+            {
+                ranges.insert((
+                    rev_nat_id,
+                    Ipv4Cidr {
+                        address: frontend.ip,
+                        prefix: 32,
+                    },
+                ));
+            }
         }
         let affinity_timeout = common.spec.affinity_timeout.unwrap_or(0);
         if common.spec.affinity_timeout.is_some() {
@@ -754,9 +770,11 @@ mod tests {
 
     /// The node the tables compile for.
     fn node() -> Node {
+        let ip = Ipv4Addr::new(192, 0, 2, 1);
         Node {
             name: "node-a".into(),
-            nodeport_ips: vec![Ipv4Addr::new(192, 0, 2, 1)],
+            ips: vec![ip],
+            nodeport_ips: vec![ip],
         }
     }
 
@@ -920,7 +938,7 @@ mod tests {
                 vec![],
             ),
             (
-                "LoadBalancer: ingress IPs check source ranges (ipMode Proxy ignored); ExternalIPs do not",
+                "LoadBalancer: ingress IPs check source ranges (ipMode Proxy ignored; the LB IP itself allowed as a range holds the node); ExternalIPs do not",
                 cluster(
                     vec![service_with(
                         "lb",
@@ -936,7 +954,7 @@ mod tests {
                 vec![
                     "10.96.0.21:80/TCP 10.0.0.1:8080/TCP",
                     "192.0.2.1:30081/TCP 10.0.0.1:8080/TCP [external]",
-                    "198.51.100.1:80/TCP 10.0.0.1:8080/TCP [external sources=192.0.2.0/25,203.0.113.0/24]",
+                    "198.51.100.1:80/TCP 10.0.0.1:8080/TCP [external sources=192.0.2.0/25,198.51.100.1/32,203.0.113.0/24]",
                     "198.51.100.7:80/TCP 10.0.0.1:8080/TCP [external]",
                 ],
                 vec![],

@@ -27,6 +27,9 @@ pub fn diff(applied: &MapState, desired: &MapState) -> Vec<MapOp> {
             .chain(masters)
             .map(|(&k, &v)| MapOp::PutService(k, v)),
     );
+    // A ClusterIP marks its unserved ports for REJECT: only once its frontends match.
+    let new_ips = desired.cluster_ips.difference(&applied.cluster_ips);
+    ops.extend(new_ips.map(|&ip| MapOp::PutClusterIp(ip)));
     // Masters before slots: a removed Service stops matching before its slots go.
     let (masters, slots): (Vec<_>, Vec<_>) =
         removed(&applied.services, &desired.services).partition(|key| is_master(key.slot));
@@ -42,6 +45,8 @@ pub fn diff(applied: &MapState, desired: &MapState) -> Vec<MapOp> {
             .difference(&desired.source_ranges)
             .map(|&(id, c)| MapOp::DeleteSourceRange(id, c)),
     );
+    let gone_ips = applied.cluster_ips.difference(&desired.cluster_ips);
+    ops.extend(gone_ips.map(|&ip| MapOp::DeleteClusterIp(ip)));
     ops.extend(removed(&applied.rev_nat, &desired.rev_nat).map(|&id| MapOp::DeleteRevNat(id)));
     ops.extend(removed(&applied.backends, &desired.backends).map(|&id| MapOp::DeleteBackend(id)));
     ops
@@ -152,6 +157,11 @@ mod tests {
         state
     }
 
+    fn with_cluster_ip(mut state: MapState) -> MapState {
+        state.cluster_ips.insert(WEB.ip);
+        state
+    }
+
     fn master_with(count: u16, flags: u16) -> MapOp {
         let value = ServiceValue {
             count,
@@ -224,6 +234,26 @@ mod tests {
                 with_range(web(&[1])),
                 web(&[1]),
                 vec![master_with(1, 0), MapOp::DeleteSourceRange(1, RANGE)],
+            ),
+            (
+                "a ClusterIP is marked allocated after its master exists, and unmarked after it goes",
+                MapState::default(),
+                with_cluster_ip(web(&[])),
+                vec![
+                    MapOp::PutRevNat(1, RevNat::new(WEB.ip, WEB.port)),
+                    master(0),
+                    MapOp::PutClusterIp(WEB.ip),
+                ],
+            ),
+            (
+                "removing it: the master goes first",
+                with_cluster_ip(web(&[])),
+                MapState::default(),
+                vec![
+                    MapOp::DeleteService(WEB.key(SCOPE_EXTERNAL, 0)),
+                    MapOp::DeleteClusterIp(WEB.ip),
+                    MapOp::DeleteRevNat(1),
+                ],
             ),
         ];
         for (name, applied, desired, want) in cases {

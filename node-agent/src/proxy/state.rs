@@ -55,6 +55,8 @@ pub struct MapState {
     pub rev_nat: BTreeMap<u16, RevNat>,
     /// (reverse-NAT id of a LoadBalancer frontend, a source range it allows).
     pub source_ranges: BTreeSet<(u16, Ipv4Cidr)>,
+    /// Every allocated ClusterIP.
+    pub cluster_ips: BTreeSet<Ipv4Addr>,
 }
 
 /// One map write.
@@ -64,6 +66,8 @@ pub enum MapOp {
     PutRevNat(u16, RevNat),
     PutSourceRange(u16, Ipv4Cidr),
     PutService(ServiceKey, ServiceValue),
+    PutClusterIp(Ipv4Addr),
+    DeleteClusterIp(Ipv4Addr),
     DeleteService(ServiceKey),
     DeleteSourceRange(u16, Ipv4Cidr),
     DeleteRevNat(u16),
@@ -88,6 +92,12 @@ impl MapState {
             }
             MapOp::PutService(key, value) => {
                 self.services.insert(key, value);
+            }
+            MapOp::PutClusterIp(ip) => {
+                self.cluster_ips.insert(ip);
+            }
+            MapOp::DeleteClusterIp(ip) => {
+                self.cluster_ips.remove(&ip);
             }
             MapOp::DeleteService(key) => {
                 self.services.remove(&key);
@@ -131,6 +141,8 @@ impl fmt::Display for MapOp {
                     k.slot
                 )
             }
+            Self::PutClusterIp(ip) => write!(f, "put ClusterIP {ip}"),
+            Self::DeleteClusterIp(ip) => write!(f, "delete ClusterIP {ip}"),
             Self::DeleteRevNat(id) => write!(f, "delete reverse NAT {id}"),
             Self::DeleteBackend(id) => write!(f, "delete backend {id}"),
         }

@@ -292,6 +292,12 @@ pub fn read(frame: &[u8]) -> Seen {
             }
             (udp.source_port(), udp.destination_port())
         }
+        // etherparse has no SCTP: its ports lead the payload (its CRC32c is checked by the
+        // byte-exact SCTP rows).
+        None if header.protocol == IpNumber::SCTP => (
+            u16::from_be_bytes([payload[0], payload[1]]),
+            u16::from_be_bytes([payload[2], payload[3]]),
+        ),
         other => panic!("unexpected transport {other:?} in {payload:02x?}"),
     };
     Seen {
