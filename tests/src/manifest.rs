@@ -1,5 +1,5 @@
 //! Manifests as a user writes them, for the agent's manifest directory.
-use std::net::Ipv4Addr;
+use std::{fs, io, net::Ipv4Addr, path::Path};
 
 use serde_json::json;
 
@@ -42,4 +42,12 @@ pub fn endpoint_slice(
 /// Any object, as YAML.
 pub fn yaml(value: serde_json::Value) -> String {
     serde_yaml::to_string(&value).expect("a JSON value is valid YAML")
+}
+
+/// Writes a manifest into `dir` through a rename, as editors and config tools do, so the agent
+/// never reads half a file.
+pub fn write(dir: &Path, name: &str, text: &str) -> io::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    fs::write(&tmp, text)?;
+    fs::rename(tmp, dir.join(name))
 }

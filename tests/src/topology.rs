@@ -7,7 +7,10 @@
 //! software: a wrong checksum written by the datapath loses the packet.
 use std::net::Ipv4Addr;
 
-use crate::netns::{Netns, ip};
+use crate::{
+    backend::BackendServer,
+    netns::{Netns, ip},
+};
 
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
 /// The node's address facing the client: its first device's, so the masquerade address.
@@ -81,6 +84,12 @@ impl Topology {
             "dev",
             NODE_CLIENT_DEVICE,
         ])
+    }
+
+    /// A TCP+UDP server named `backend-I` on `port` in each backend namespace.
+    pub fn start_backends(&self, port: u16) -> anyhow::Result<Vec<BackendServer>> {
+        let named = |(i, ns)| BackendServer::start(ns, &format!("backend-{}", i + 1), port);
+        self.backends.iter().enumerate().map(named).collect()
     }
 
     /// Every node device: where the datapath attaches.

@@ -13,7 +13,7 @@ use node_agent_tests::{
     agent::{Agent, binary, run_to_exit},
     backend::BackendServer,
     client::{Connection, tcp_spread, udp_spread},
-    manifest::{endpoint_slice, service},
+    manifest::{endpoint_slice, service, write},
     topology::{Topology, backend_ip},
 };
 
@@ -42,32 +42,17 @@ fn web_slice(backends: &[usize]) -> String {
     )
 }
 
-/// Writes through a rename, as editors and config tools do, so the agent never reads half a file.
-fn write_manifest(dir: &Path, name: &str, text: &str) {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    fs::write(&tmp, text).unwrap();
-    fs::rename(tmp, dir.join(name)).unwrap();
-}
-
 fn start() -> Node {
     let topology = Topology::new(3).unwrap();
-    let servers = (1..=3)
-        .map(|i| {
-            BackendServer::start(
-                &topology.backends[i - 1],
-                &format!("backend-{i}"),
-                BACKEND_PORT,
-            )
-            .unwrap()
-        })
-        .collect();
+    let servers = topology.start_backends(BACKEND_PORT).unwrap();
     let manifests = tempfile::tempdir().unwrap();
-    write_manifest(
+    write(
         manifests.path(),
         "web.yaml",
         &service("web", VIP, &[("http", 80, "TCP"), ("echo", 80, "UDP")]),
-    );
-    write_manifest(manifests.path(), "web-slice.yaml", &web_slice(&[1, 2, 3]));
+    )
+    .unwrap();
+    write(manifests.path(), "web-slice.yaml", &web_slice(&[1, 2, 3])).unwrap();
     let agent = Agent::start(
         &binary(),
         &topology.node,
@@ -168,7 +153,7 @@ fn removing_an_endpoint_moves_new_flows_within_a_second_and_keeps_established_on
         .unwrap();
     let removed_before = node.servers[2].tcp_accepted();
 
-    write_manifest(node.manifests.path(), "web-slice.yaml", &web_slice(&[1, 2]));
+    write(node.manifests.path(), "web-slice.yaml", &web_slice(&[1, 2])).unwrap();
     thread::sleep(PROGRAMMING_BOUND);
 
     let tcp = node
@@ -245,12 +230,13 @@ fn deleting_the_service_stops_all_traffic_to_its_clusterip() {
 fn a_malformed_manifest_is_reported_and_everything_else_keeps_working() {
     let mut node = start();
     let dir = node.manifests.path();
-    write_manifest(
+    write(
         dir,
         "broken.yaml",
         "apiVersion: v1\nkind: Service\nmetadata: {name: [unclosed\n",
-    );
-    write_manifest(
+    )
+    .unwrap();
+    write(
         dir,
         "bad-port.yaml",
         &service(
@@ -258,7 +244,8 @@ fn a_malformed_manifest_is_reported_and_everything_else_keeps_working() {
             Ipv4Addr::new(198, 19, 0, 11),
             &[("http", 0, "TCP")],
         ),
-    );
+    )
+    .unwrap();
 
     let wait = Duration::from_secs(5);
     let logs = || node.agent.logs().join("\n");

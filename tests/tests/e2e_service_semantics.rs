@@ -2,10 +2,8 @@
 //! external client and three backends ("pods" of node-a in 198.18.8.0/21), real sockets.
 use std::{
     collections::BTreeSet,
-    fs,
     io::ErrorKind,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::Path,
     thread,
     time::Duration,
 };
@@ -14,7 +12,7 @@ use node_agent_tests::{
     agent::{Agent, binary},
     backend::BackendServer,
     client::{Connection, UdpFlow, http_get},
-    manifest::yaml,
+    manifest::{write, yaml},
     topology::{CLIENT_IP, NODE_IP, Topology, backend_ip},
 };
 use serde_json::{Value, json};
@@ -49,19 +47,10 @@ struct Node {
 impl Node {
     fn start(service: Value, endpoints: Vec<Value>) -> Node {
         let topology = Topology::new(3).unwrap();
-        let _servers = (1..=3)
-            .map(|i| {
-                BackendServer::start(
-                    &topology.backends[i - 1],
-                    &format!("backend-{i}"),
-                    BACKEND_PORT,
-                )
-                .unwrap()
-            })
-            .collect();
+        let _servers = topology.start_backends(BACKEND_PORT).unwrap();
         let manifests = tempfile::tempdir().unwrap();
-        write(manifests.path(), "service.yaml", &yaml(service));
-        write(manifests.path(), "endpoints.yaml", &slice(endpoints));
+        write(manifests.path(), "service.yaml", &yaml(service)).unwrap();
+        write(manifests.path(), "endpoints.yaml", &slice(endpoints)).unwrap();
         let agent = Agent::start(
             &binary(),
             &topology.node,
@@ -79,7 +68,7 @@ impl Node {
     }
 
     fn set_endpoints(&self, endpoints: Vec<Value>) {
-        write(self.manifests.path(), "endpoints.yaml", &slice(endpoints));
+        write(self.manifests.path(), "endpoints.yaml", &slice(endpoints)).unwrap();
         thread::sleep(PROGRAMMING_BOUND);
     }
 
@@ -98,13 +87,6 @@ impl Node {
             })
             .unwrap()
     }
-}
-
-/// Writes through a rename, as editors and config tools do, so the agent never reads half a file.
-fn write(dir: &Path, name: &str, text: &str) {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    fs::write(&tmp, text).unwrap();
-    fs::rename(tmp, dir.join(name)).unwrap();
 }
 
 /// Service `web`: port 80 (TCP "http" and UDP "echo") to 8080, with `spec` merged in.
@@ -271,7 +253,8 @@ fn session_affinity_pins_a_client_until_the_timeout_and_follows_backend_changes(
         node.manifests.path(),
         "service.yaml",
         &yaml(web(sticky(300), json!(null))),
-    );
+    )
+    .unwrap();
     let pinned = backends_of(&node.connect(addr(VIP, 80), 5));
     assert_eq!(pinned.len(), 1, "{pinned:?}");
     let pinned: usize = pinned

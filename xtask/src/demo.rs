@@ -10,7 +10,6 @@ use std::{
 
 use node_agent_tests::{
     agent::Agent,
-    backend::BackendServer,
     client::{tcp_spread, udp_spread},
     manifest::endpoint_slice,
     topology::{Topology, backend_ip},
@@ -26,9 +25,7 @@ pub fn run(agent_binary: &Path, manifests: &Path) -> anyhow::Result<()> {
         "== topology: client 198.18.1.2 → node (node-agent) → backend-1..3 at 198.18.11-13.2, each in its own netns"
     );
     let topology = Topology::new(3)?;
-    let _servers = (1..=3)
-        .map(|i| BackendServer::start(&topology.backends[i - 1], &format!("backend-{i}"), 8080))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let _servers = topology.start_backends(8080)?;
     let dir = tempfile::tempdir()?;
     for entry in fs::read_dir(manifests)? {
         let path = entry?.path();
