@@ -48,8 +48,9 @@ enum Outcome {
 
 const ALL_NODE_IPS: &[Ipv4Addr] = &[TEST_NODE_IP, TEST_NODE_IP_ALT];
 
-/// The kube-proxy tests' node, serving NodePorts on `nodeport_ips`.
-fn node_fixture(manifests: Vec<Value>, nodeport_ips: &[Ipv4Addr]) -> Fixture {
+/// The kube-proxy tests' node, serving NodePorts on `nodeport_ips`; `local_detector`: pod
+/// traffic is told apart by the cluster CIDR (kube-proxy's LocalTrafficDetector).
+fn node_fixture(manifests: Vec<Value>, nodeport_ips: &[Ipv4Addr], local_detector: bool) -> Fixture {
     let files: Vec<(String, String)> = manifests
         .into_iter()
         .enumerate()
@@ -63,7 +64,11 @@ fn node_fixture(manifests: Vec<Value>, nodeport_ips: &[Ipv4Addr]) -> Fixture {
     };
     let config = Config {
         snat_address: u32::from_ne_bytes(TEST_NODE_IP.octets()),
-        cluster_cidr: Cidr::new(CLUSTER_CIDR.0, CLUSTER_CIDR.1),
+        cluster_cidr: if local_detector {
+            Cidr::new(CLUSTER_CIDR.0, CLUSTER_CIDR.1)
+        } else {
+            Cidr::default()
+        },
         service_cidr: Cidr::new(SERVICE_CIDR.0, SERVICE_CIDR.1),
     };
     Fixture::for_node(&files, &node, &config)
@@ -96,9 +101,11 @@ fn outcomes(fixture: &mut Fixture, flow: &Flow, first_port: u16, tries: u16) -> 
                 TC_ACT_OK if output == input => Outcome::Untouched,
                 TC_ACT_OK => {
                     let seen = read(&output);
-                    let masq = *seen.src.ip() == TEST_NODE_IP;
+                    // Masquerading takes a new source port (32768-60999; flows here
+                    // start at 10000), so it shows even when the client is the node.
+                    let masq = seen.src != packet.src;
                     assert!(
-                        masq || seen.src == packet.src,
+                        !masq || *seen.src.ip() == TEST_NODE_IP,
                         "{}: source rewritten to {}",
                         flow.name,
                         seen.src
@@ -262,6 +269,7 @@ fn cluster_ip_general() {
             ),
         ],
         ALL_NODE_IPS,
+        true,
     );
     let flows = [
         tcp(
@@ -374,6 +382,7 @@ fn load_balancer() {
             slice("ns1", "svc1", &[("p80", 80)], vec![ep("10.180.0.1")]),
         ],
         ALL_NODE_IPS,
+        true,
     );
     let node = "192.168.0.2";
     let flows = [
@@ -522,7 +531,7 @@ fn node_ports() {
         tcp(node, node, 3001, both, true, "node to nodePort"),
     ];
     // nodePortAddresses nil: every node IP serves NodePorts.
-    let mut f = node_fixture(manifests(), ALL_NODE_IPS);
+    let mut f = node_fixture(manifests(), ALL_NODE_IPS, true);
     run_packet_flow_tests("TestNodePorts/ipv4", &mut f, &basic);
     run_packet_flow_tests(
         "TestNodePorts/ipv4",
@@ -537,7 +546,7 @@ fn node_ports() {
         )],
     );
     // nodePortAddresses 192.168.0.0/24: the secondary node IP does not.
-    let mut f = node_fixture(manifests(), &[TEST_NODE_IP]);
+    let mut f = node_fixture(manifests(), &[TEST_NODE_IP], true);
     run_packet_flow_tests(
         "TestNodePorts/ipv4, localhost in nodeport-addresses",
         &mut f,
@@ -578,7 +587,7 @@ fn traffic_policy_service(policy: &str) -> Vec<Value> {
 
 #[test]
 fn external_traffic_policy_local() {
-    let mut f = node_fixture(traffic_policy_service("Local"), ALL_NODE_IPS);
+    let mut f = node_fixture(traffic_policy_service("Local"), ALL_NODE_IPS, true);
     let (both, local, node) = (
         "10.180.0.1:80, 10.180.2.1:80",
         "10.180.2.1:80",
@@ -647,7 +656,7 @@ fn external_traffic_policy_local() {
 
 #[test]
 fn external_traffic_policy_cluster() {
-    let mut f = node_fixture(traffic_policy_service("Cluster"), ALL_NODE_IPS);
+    let mut f = node_fixture(traffic_policy_service("Cluster"), ALL_NODE_IPS, true);
     let (both, node) = ("10.180.0.1:80, 10.180.2.1:80", "192.168.0.2");
     let flows = [
         tcp(
@@ -803,13 +812,14 @@ fn internal_traffic_policy() {
                 slice("ns1", "svc1", &[("", 80)], endpoints),
             ],
             ALL_NODE_IPS,
+            true,
         );
         run_packet_flow_tests(
             &format!("TestInternalTrafficPolicy/{case}"),
             &mut f,
             &[flow],
         );
-        let mut f = node_fixture(vec![service(policy)], ALL_NODE_IPS);
+        let mut f = node_fixture(vec![service(policy)], ALL_NODE_IPS, true);
         let deleted = tcp(
             "10.0.0.2",
             "172.30.1.1",
@@ -947,13 +957,14 @@ fn terminating_endpoints_traffic_policy_local() {
         let mut f = node_fixture(
             vec![service(), slice("ns1", "svc1", &[("", 80)], endpoints)],
             ALL_NODE_IPS,
+            true,
         );
         run_packet_flow_tests(
             &format!("TestTerminatingEndpointsTrafficPolicyLocal/{case}"),
             &mut f,
             &flows,
         );
-        let mut f = node_fixture(vec![service()], ALL_NODE_IPS);
+        let mut f = node_fixture(vec![service()], ALL_NODE_IPS, true);
         let deleted = [
             tcp(
                 "10.0.0.2",
@@ -978,4 +989,374 @@ fn terminating_endpoints_traffic_policy_local() {
             &deleted,
         );
     }
+}
+
+#[test]
+fn terminating_endpoints_traffic_policy_cluster() {
+    let service = || {
+        svc(
+            "ns1",
+            "svc1",
+            "172.30.1.1",
+            json!([{"name": "", "port": 80, "protocol": "TCP", "targetPort": 80}]),
+            json!({"type": "LoadBalancer", "externalTrafficPolicy": "Cluster", "healthCheckNodePort": 30000}),
+            json!({"loadBalancer": {"ingress": [{"ip": LB_IP1}]}}),
+        )
+    };
+    let (here, there) = (TEST_HOSTNAME, "another-node");
+    let cases: Vec<(&str, Vec<Value>, [Flow; 2])> = vec![
+        (
+            "ready endpoints exist",
+            vec![
+                ep_on("10.0.1.1", here, true, true, false),
+                ep_on("10.0.1.2", here, true, true, false),
+                ep_on("10.0.1.3", there, false, true, true),
+                ep_on("10.0.1.4", there, false, false, true),
+                ep_on("10.0.1.5", there, true, true, false),
+            ],
+            [
+                tcp(
+                    "10.0.0.2",
+                    "172.30.1.1",
+                    80,
+                    "10.0.1.1:80, 10.0.1.2:80, 10.0.1.5:80",
+                    false,
+                    "pod to clusterIP",
+                ),
+                tcp(
+                    TEST_EXTERNAL_CLIENT,
+                    LB_IP1,
+                    80,
+                    "10.0.1.1:80, 10.0.1.2:80, 10.0.1.5:80",
+                    true,
+                    "external to LB",
+                ),
+            ],
+        ),
+        (
+            "only terminating endpoints exist",
+            vec![
+                ep_on("10.0.1.2", here, false, true, true),
+                ep_on("10.0.1.3", here, false, true, true),
+                ep_on("10.0.1.4", there, false, false, true),
+                ep_on("10.0.1.5", there, false, true, true),
+            ],
+            [
+                tcp(
+                    "10.0.0.2",
+                    "172.30.1.1",
+                    80,
+                    "10.0.1.2:80, 10.0.1.3:80, 10.0.1.5:80",
+                    false,
+                    "pod to clusterIP",
+                ),
+                tcp(
+                    TEST_EXTERNAL_CLIENT,
+                    LB_IP1,
+                    80,
+                    "10.0.1.2:80, 10.0.1.3:80, 10.0.1.5:80",
+                    true,
+                    "external to LB",
+                ),
+            ],
+        ),
+        (
+            "terminating endpoints on remote node",
+            vec![ep_on("10.0.1.5", "node-1", false, true, true)],
+            [
+                tcp(
+                    "10.0.0.2",
+                    "172.30.1.1",
+                    80,
+                    "10.0.1.5:80",
+                    false,
+                    "pod to clusterIP",
+                ),
+                tcp(
+                    TEST_EXTERNAL_CLIENT,
+                    LB_IP1,
+                    80,
+                    "10.0.1.5:80",
+                    true,
+                    "external to LB",
+                ),
+            ],
+        ),
+        (
+            "no usable endpoints on any node",
+            vec![
+                ep_on("10.0.1.5", here, false, false, true),
+                ep_on("10.0.1.5", "node-1", false, false, true),
+            ],
+            [
+                tcp(
+                    "10.0.0.2",
+                    "172.30.1.1",
+                    80,
+                    "REJECT",
+                    false,
+                    "pod to clusterIP",
+                ),
+                tcp(
+                    TEST_EXTERNAL_CLIENT,
+                    LB_IP1,
+                    80,
+                    "REJECT",
+                    false,
+                    "external to LB",
+                ),
+            ],
+        ),
+    ];
+    for (case, endpoints, flows) in cases {
+        let mut f = node_fixture(
+            vec![service(), slice("ns1", "svc1", &[("", 80)], endpoints)],
+            ALL_NODE_IPS,
+            true,
+        );
+        run_packet_flow_tests(
+            &format!("TestTerminatingEndpointsTrafficPolicyCluster/{case}"),
+            &mut f,
+            &flows,
+        );
+        let mut f = node_fixture(vec![service()], ALL_NODE_IPS, true);
+        let deleted = [
+            tcp(
+                "10.0.0.2",
+                "172.30.1.1",
+                80,
+                "REJECT",
+                false,
+                "pod to clusterIP after endpoints deleted",
+            ),
+            tcp(
+                TEST_EXTERNAL_CLIENT,
+                LB_IP1,
+                80,
+                "REJECT",
+                false,
+                "external to LB after endpoints deleted",
+            ),
+        ];
+        run_packet_flow_tests(
+            &format!("TestTerminatingEndpointsTrafficPolicyCluster/{case}"),
+            &mut f,
+            &deleted,
+        );
+    }
+}
+
+/// TestInternalExternalMasquerade's "base" and "no LocalTrafficDetector" cases (the latter:
+/// no --cluster-cidr). Its masqueradeAll cases have no counterpart: there is no
+/// --masquerade-all.
+#[test]
+fn internal_external_masquerade() {
+    let lb = |ns: &str, ip: &str, node_port: u16, hc: u16, spec: Value, ingress: &str| {
+        let mut spec = spec;
+        spec["type"] = json!("LoadBalancer");
+        spec["healthCheckNodePort"] = json!(hc);
+        svc(
+            ns,
+            ns.replace("ns", "svc").as_str(),
+            ip,
+            json!([{"name": "p80", "port": 80, "protocol": "TCP", "nodePort": node_port}]),
+            spec,
+            json!({"loadBalancer": {"ingress": [{"ip": ingress}]}}),
+        )
+    };
+    let endpoints = |ns: &str, last: u8| {
+        slice(
+            ns,
+            &ns.replace("ns", "svc"),
+            &[("p80", 80)],
+            vec![
+                ep_node(&format!("10.180.0.{last}"), TEST_HOSTNAME),
+                ep_node(&format!("10.180.1.{last}"), "remote"),
+            ],
+        )
+    };
+    let manifests = || {
+        vec![
+            lb("ns1", "172.30.0.41", 3001, 30001, json!({}), "1.2.3.4"),
+            lb(
+                "ns2",
+                "172.30.0.42",
+                3002,
+                30002,
+                json!({"externalTrafficPolicy": "Local"}),
+                "5.6.7.8",
+            ),
+            lb(
+                "ns3",
+                "172.30.0.43",
+                3003,
+                30003,
+                json!({"internalTrafficPolicy": "Local"}),
+                "9.10.11.12",
+            ),
+            endpoints("ns1", 1),
+            endpoints("ns2", 2),
+            endpoints("ns3", 3),
+        ]
+    };
+    let (pod, node, ext) = ("10.0.0.2", "192.168.0.2", TEST_EXTERNAL_CLIENT);
+    let (s1, s2, s3) = (
+        "10.180.0.1:80, 10.180.1.1:80",
+        "10.180.0.2:80, 10.180.1.2:80",
+        "10.180.0.3:80, 10.180.1.3:80",
+    );
+    let base = [
+        tcp(pod, "172.30.0.41", 80, s1, false, "pod to ClusterIP"),
+        tcp(pod, node, 3001, s1, true, "pod to NodePort"),
+        tcp(pod, "1.2.3.4", 80, s1, true, "pod to LB"),
+        tcp(node, "172.30.0.41", 80, s1, true, "node to ClusterIP"),
+        tcp(node, node, 3001, s1, true, "node to NodePort"),
+        tcp(node, "1.2.3.4", 80, s1, true, "node to LB"),
+        tcp(ext, "172.30.0.41", 80, s1, true, "external to ClusterIP"),
+        tcp(ext, node, 3001, s1, true, "external to NodePort"),
+        tcp(ext, "1.2.3.4", 80, s1, true, "external to LB"),
+        tcp(
+            pod,
+            "172.30.0.42",
+            80,
+            s2,
+            false,
+            "pod to ClusterIP with eTP:Local",
+        ),
+        tcp(pod, node, 3002, s2, false, "pod to NodePort with eTP:Local"),
+        tcp(pod, "5.6.7.8", 80, s2, false, "pod to LB with eTP:Local"),
+        tcp(
+            node,
+            "172.30.0.42",
+            80,
+            s2,
+            true,
+            "node to ClusterIP with eTP:Local",
+        ),
+        tcp(
+            node,
+            node,
+            3001,
+            s1,
+            true,
+            "node to NodePort with eTP:Local",
+        ),
+        tcp(node, "5.6.7.8", 80, s2, true, "node to LB with eTP:Local"),
+        tcp(
+            ext,
+            "172.30.0.42",
+            80,
+            s2,
+            true,
+            "external to ClusterIP with eTP:Local",
+        ),
+        tcp(
+            ext,
+            node,
+            3002,
+            "10.180.0.2:80",
+            false,
+            "external to NodePort with eTP:Local",
+        ),
+        tcp(
+            ext,
+            "5.6.7.8",
+            80,
+            "10.180.0.2:80",
+            false,
+            "external to LB with eTP:Local",
+        ),
+        tcp(
+            pod,
+            "172.30.0.43",
+            80,
+            "10.180.0.3:80",
+            false,
+            "pod to ClusterIP with iTP:Local",
+        ),
+        tcp(pod, node, 3003, s3, true, "pod to NodePort with iTP:Local"),
+        tcp(pod, "9.10.11.12", 80, s3, true, "pod to LB with iTP:Local"),
+        tcp(
+            node,
+            "172.30.0.43",
+            80,
+            "10.180.0.3:80",
+            true,
+            "node to ClusterIP with iTP:Local",
+        ),
+        tcp(
+            node,
+            node,
+            3003,
+            s3,
+            true,
+            "node to NodePort with iTP:Local",
+        ),
+        tcp(
+            node,
+            "9.10.11.12",
+            80,
+            s3,
+            true,
+            "node to LB with iTP:Local",
+        ),
+        tcp(
+            ext,
+            "172.30.0.43",
+            80,
+            "10.180.0.3:80",
+            true,
+            "external to ClusterIP with iTP:Local",
+        ),
+        tcp(
+            ext,
+            node,
+            3003,
+            s3,
+            true,
+            "external to NodePort with iTP:Local",
+        ),
+        tcp(
+            ext,
+            "9.10.11.12",
+            80,
+            s3,
+            true,
+            "external to LB with iTP:Local",
+        ),
+    ];
+    let mut f = node_fixture(manifests(), ALL_NODE_IPS, true);
+    run_packet_flow_tests("TestInternalExternalMasquerade/base", &mut f, &base);
+
+    // No LocalTrafficDetector: ClusterIP traffic is assumed to come from pods (no masquerade),
+    // and pods get no eTP:Local short-circuit.
+    let unmasqueraded = [
+        "node to ClusterIP",
+        "node to ClusterIP with eTP:Local",
+        "node to ClusterIP with iTP:Local",
+        "external to ClusterIP",
+        "external to ClusterIP with eTP:Local",
+        "external to ClusterIP with iTP:Local",
+    ];
+    let local_only = ["pod to NodePort with eTP:Local", "pod to LB with eTP:Local"];
+    let no_detector: Vec<Flow> = base
+        .into_iter()
+        .map(|flow| match flow.name {
+            n if unmasqueraded.contains(&n) => Flow {
+                masq: false,
+                ..flow
+            },
+            n if local_only.contains(&n) => Flow {
+                output: "10.180.0.2:80",
+                ..flow
+            },
+            _ => flow,
+        })
+        .collect();
+    let mut f = node_fixture(manifests(), ALL_NODE_IPS, false);
+    run_packet_flow_tests(
+        "TestInternalExternalMasquerade/no LocalTrafficDetector",
+        &mut f,
+        &no_detector,
+    );
 }
