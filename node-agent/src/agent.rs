@@ -17,7 +17,7 @@ use crate::{
     health::{self, ServiceHealthServers},
     model::{Ipv4Cidr, Node},
     proxy::Proxy,
-    source::manifest,
+    source::manifest::{self, ManifestDir},
 };
 
 /// Changes that arrive this close together are applied as one sync: an in-place save is a
@@ -116,17 +116,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
 
     let (changed, mut changes) = mpsc::unbounded_channel();
     let _watcher = manifest::watch(&config.manifests, changed)?;
-    let mut proxy = Proxy::default();
-    let mut health_checks = ServiceHealthServers::default();
-    sync(
-        &config,
-        &node,
-        &mut proxy,
-        &mut datapath,
-        &mut health_checks,
-    )
-    .await
-    .context("first sync")?;
+    let mut state = NodeState {
+        manifests: ManifestDir::new(&config.manifests),
+        node,
+        proxy: Proxy::default(),
+        datapath,
+        health_checks: ServiceHealthServers::default(),
+    };
+    state.sync().await.context("first sync")?;
     health.synced();
 
     loop {
@@ -134,7 +131,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             Some(()) = changes.recv() => {
                 tokio::time::sleep(DEBOUNCE).await;
                 while changes.try_recv().is_ok() {}
-                match sync(&config, &node, &mut proxy, &mut datapath, &mut health_checks).await {
+                match state.sync().await {
                     Ok(()) => health.synced(),
                     Err(e) => error!("sync failed: {e:#}"),
                 }
@@ -144,35 +141,44 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         }
     }
     info!("stopping");
-    drop(datapath);
+    drop(state);
     Ok(())
 }
 
-async fn sync(
-    config: &RunConfig,
-    node: &Node,
-    proxy: &mut Proxy,
-    datapath: &mut Datapath,
-    health_checks: &mut ServiceHealthServers,
-) -> anyhow::Result<()> {
-    let loaded = manifest::load(&config.manifests)?;
-    for e in &loaded.errors {
-        warn!("manifest refused: {e}");
+/// What a sync reads and writes: the manifests as last read, the node, what the proxy has
+/// applied, the datapath and the health-check servers.
+struct NodeState {
+    manifests: ManifestDir,
+    node: Node,
+    proxy: Proxy,
+    datapath: Datapath,
+    health_checks: ServiceHealthServers,
+}
+
+impl NodeState {
+    async fn sync(&mut self) -> anyhow::Result<()> {
+        let loaded = self.manifests.load()?;
+        for e in &loaded.errors {
+            warn!("manifest refused: {e}");
+        }
+        for s in &loaded.skipped {
+            debug!("manifest skipped (kind not used by node-agent): {s}");
+        }
+        let report = self
+            .proxy
+            .sync(&loaded.cluster, &self.node, &mut self.datapath)?;
+        for e in &report.errors {
+            warn!("object refused: {e}");
+        }
+        self.health_checks.reconcile(&report.health_checks).await;
+        info!(
+            services = loaded.cluster.services.len(),
+            endpoint_slices = loaded.cluster.endpoint_slices.len(),
+            files_parsed = loaded.parsed,
+            writes = report.writes,
+            elapsed_us = report.elapsed.as_micros() as u64,
+            "synced"
+        );
+        Ok(())
     }
-    for s in &loaded.skipped {
-        debug!("manifest skipped (kind not used by node-agent): {s}");
-    }
-    let report = proxy.sync(&loaded.cluster, node, datapath)?;
-    for e in &report.errors {
-        warn!("object refused: {e}");
-    }
-    health_checks.reconcile(&report.health_checks).await;
-    info!(
-        services = loaded.cluster.services.len(),
-        endpoint_slices = loaded.cluster.endpoint_slices.len(),
-        writes = report.writes,
-        elapsed_us = report.elapsed.as_micros() as u64,
-        "synced"
-    );
-    Ok(())
 }

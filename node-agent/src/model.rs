@@ -1,5 +1,5 @@
 //! The cluster as the agent knows it: Kubernetes objects from any source, keyed by name.
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr, str::FromStr};
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr, str::FromStr, sync::Arc};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
@@ -19,8 +19,9 @@ impl fmt::Display for ObjectName {
 /// Everything the proxy compiles into the datapath.
 #[derive(Clone, Debug, Default)]
 pub struct Cluster {
-    pub services: BTreeMap<ObjectName, Service>,
-    pub endpoint_slices: BTreeMap<ObjectName, EndpointSlice>,
+    // Shared with the source, which keeps them between loads: a sync copies no object.
+    pub services: BTreeMap<ObjectName, Arc<Service>>,
+    pub endpoint_slices: BTreeMap<ObjectName, Arc<EndpointSlice>>,
 }
 
 /// An object the agent refused, and why: `Service default/web: spec.ports[0].port: ...`.

@@ -755,8 +755,8 @@ mod tests {
         slices: Vec<(ObjectName, EndpointSlice)>,
     ) -> Cluster {
         Cluster {
-            services: services.into_iter().collect(),
-            endpoint_slices: slices.into_iter().collect(),
+            services: services.into_iter().map(|(n, s)| (n, s.into())).collect(),
+            endpoint_slices: slices.into_iter().map(|(n, s)| (n, s.into())).collect(),
         }
     }
 

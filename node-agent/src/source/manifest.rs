@@ -4,7 +4,10 @@
 use std::{
     collections::BTreeMap,
     fmt, fs,
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::Context as _;
@@ -40,75 +43,146 @@ pub struct Loaded {
     pub cluster: Cluster,
     pub errors: Vec<FileError>,
     pub skipped: Vec<String>,
+    /// Files read and parsed for this load (the others were unchanged).
+    pub parsed: usize,
 }
 
-/// Reads every manifest in `dir`, in file-name order. A file that cannot be read or parsed is
-/// reported and contributes nothing; the other files are unaffected.
+/// Reads every manifest in `dir` once (see `ManifestDir` for reading it again and again).
 pub fn load(dir: &Path) -> anyhow::Result<Loaded> {
-    let mut paths: Vec<PathBuf> = fs::read_dir(dir)
-        .with_context(|| format!("reading manifest directory {}", dir.display()))?
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|p| is_manifest(p))
-        .collect();
-    paths.sort();
-    let mut loaded = Loaded::default();
-    let mut origin: BTreeMap<(&'static str, ObjectName), PathBuf> = BTreeMap::new();
-    for path in paths {
-        let objects = match fs::read_to_string(&path) {
-            Ok(text) => parse(&path, &text),
-            Err(e) => Err(format!("cannot read: {e}")),
-        };
-        let objects = match objects {
-            Ok(objects) => objects,
-            Err(reason) => {
-                loaded.errors.push(FileError { path, reason });
-                continue;
-            }
-        };
-        for object in objects {
-            let (kind, name) = match &object {
-                Object::Service(name, _) => (Service::KIND, name),
-                Object::EndpointSlice(name, _) => (EndpointSlice::KIND, name),
-                Object::Skipped(what) => {
-                    loaded.skipped.push(format!("{}: {what}", path.display()));
+    ManifestDir::new(dir).load()
+}
+
+/// A manifest directory and what each file held when last read. A file is parsed again only
+/// when its size, modification time or inode changed, so a change to one file among thousands
+/// costs one parse.
+pub struct ManifestDir {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, (Stamp, Result<Vec<Object>, String>)>,
+}
+
+/// What tells a file changed: an edit in place moves the mtime, a rename brings a new inode.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    modified: SystemTime,
+    inode: u64,
+}
+
+impl ManifestDir {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            files: BTreeMap::new(),
+        }
+    }
+
+    /// Every manifest in the directory, in file-name order. A file that cannot be read or
+    /// parsed is reported and contributes nothing; the other files are unaffected.
+    pub fn load(&mut self) -> anyhow::Result<Loaded> {
+        let mut paths: Vec<PathBuf> = fs::read_dir(&self.dir)
+            .with_context(|| format!("reading manifest directory {}", self.dir.display()))?
+            .filter_map(Result::ok)
+            // The entry's own type costs no stat; symlinks count (ConfigMap volumes use them).
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file() || t.is_symlink()))
+            .map(|e| e.path())
+            .filter(|p| is_manifest(p))
+            .collect();
+        paths.sort();
+        let mut loaded = Loaded::default();
+        let mut files = BTreeMap::new();
+        for path in paths {
+            let stamp = fs::metadata(&path).ok().map(|m| Stamp {
+                len: m.len(),
+                modified: m.modified().unwrap_or(UNIX_EPOCH),
+                inode: m.ino(),
+            });
+            let cached = self
+                .files
+                .remove(&path)
+                .filter(|(old, _)| Some(*old) == stamp);
+            let entry = match (cached, stamp) {
+                (Some(entry), _) => entry,
+                (None, stamp) => {
+                    loaded.parsed += 1;
+                    let objects = match fs::read_to_string(&path) {
+                        Ok(text) => parse(&path, &text),
+                        Err(e) => Err(format!("cannot read: {e}")),
+                    };
+                    (
+                        stamp.unwrap_or(Stamp {
+                            len: 0,
+                            modified: UNIX_EPOCH,
+                            inode: 0,
+                        }),
+                        objects,
+                    )
+                }
+            };
+            files.insert(path, entry);
+        }
+        // Files gone from the directory are dropped here with what they held.
+        self.files = files;
+        let mut origin: BTreeMap<(&'static str, &ObjectName), &Path> = BTreeMap::new();
+        for (path, (_, objects)) in &self.files {
+            let objects = match objects {
+                Ok(objects) => objects,
+                Err(reason) => {
+                    loaded.errors.push(FileError {
+                        path: path.clone(),
+                        reason: reason.clone(),
+                    });
                     continue;
                 }
             };
-            if let Some(first) = origin.get(&(kind, name.clone())) {
-                loaded.errors.push(FileError {
-                    path: path.clone(),
-                    reason: format!(
-                        "{kind} {name} is already defined in {}; keeping that one",
-                        first.display()
-                    ),
-                });
-                continue;
-            }
-            origin.insert((kind, name.clone()), path.clone());
-            match object {
-                Object::Service(name, s) => {
-                    loaded.cluster.services.insert(name, *s);
+            for object in objects {
+                let (kind, name) = match object {
+                    Object::Service(name, _) => (Service::KIND, name),
+                    Object::EndpointSlice(name, _) => (EndpointSlice::KIND, name),
+                    Object::Skipped(what) => {
+                        loaded.skipped.push(format!("{}: {what}", path.display()));
+                        continue;
+                    }
+                };
+                if let Some(first) = origin.get(&(kind, name)) {
+                    loaded.errors.push(FileError {
+                        path: path.clone(),
+                        reason: format!(
+                            "{kind} {name} is already defined in {}; keeping that one",
+                            first.display()
+                        ),
+                    });
+                    continue;
                 }
-                Object::EndpointSlice(name, s) => {
-                    loaded.cluster.endpoint_slices.insert(name, *s);
+                origin.insert((kind, name), path);
+                match object {
+                    Object::Service(name, s) => {
+                        loaded.cluster.services.insert(name.clone(), Arc::clone(s));
+                    }
+                    Object::EndpointSlice(name, s) => {
+                        loaded
+                            .cluster
+                            .endpoint_slices
+                            .insert(name.clone(), Arc::clone(s));
+                    }
+                    Object::Skipped(_) => {}
                 }
-                Object::Skipped(_) => {}
             }
         }
+        Ok(loaded)
     }
-    Ok(loaded)
 }
 
 fn is_manifest(path: &Path) -> bool {
     matches!(
         path.extension().and_then(|e| e.to_str()),
         Some("yaml" | "yml" | "json")
-    ) && path.is_file()
+    )
 }
 
+#[derive(Clone)]
 enum Object {
-    Service(ObjectName, Box<Service>),
-    EndpointSlice(ObjectName, Box<EndpointSlice>),
+    Service(ObjectName, Arc<Service>),
+    EndpointSlice(ObjectName, Arc<EndpointSlice>),
     /// A kind the agent does not use: `apiVersion/kind name`.
     Skipped(String),
 }
@@ -147,11 +221,11 @@ fn typed(document: Value, out: &mut Vec<Object>) -> Result<(), String> {
     match (api_version.as_str(), kind.as_str()) {
         (Service::API_VERSION, Service::KIND) => {
             let (name, s) = object::<Service>(document, |s| &s.metadata)?;
-            out.push(Object::Service(name, Box::new(s)));
+            out.push(Object::Service(name, Arc::new(s)));
         }
         (EndpointSlice::API_VERSION, EndpointSlice::KIND) => {
             let (name, s) = object::<EndpointSlice>(document, |s| &s.metadata)?;
-            out.push(Object::EndpointSlice(name, Box::new(s)));
+            out.push(Object::EndpointSlice(name, Arc::new(s)));
         }
         ("v1", "List") => {
             let Some(Value::Array(items)) = document.get("items").cloned() else {
@@ -295,5 +369,58 @@ mod tests {
             "{errors:?}"
         );
         assert_eq!(errors.len(), 4, "{errors:?}");
+    }
+
+    #[test]
+    fn only_changed_files_are_parsed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = |name: &str, ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n"
+            )
+        };
+        write(dir.path(), "a.yaml", &service("a", "10.96.0.1"));
+        write(dir.path(), "b.yaml", &service("b", "10.96.0.2"));
+        write(dir.path(), "c.yaml", &service("c", "10.96.0.3"));
+        let mut manifests = ManifestDir::new(dir.path());
+        let ip_of = |loaded: &Loaded, name: &str| {
+            let key = ObjectName {
+                namespace: "default".into(),
+                name: name.into(),
+            };
+            loaded.cluster.services[&key]
+                .spec
+                .as_ref()
+                .unwrap()
+                .cluster_ip
+                .clone()
+                .unwrap()
+        };
+
+        let first = manifests.load().unwrap();
+        assert_eq!((first.parsed, first.cluster.services.len()), (3, 3));
+        let again = manifests.load().unwrap();
+        assert_eq!(
+            (again.parsed, again.cluster.services.len()),
+            (0, 3),
+            "nothing changed, nothing parsed"
+        );
+
+        // Replaced through a rename, as tools do: a new inode even at the same size and second.
+        let tmp = dir.path().join(".b.tmp");
+        fs::write(&tmp, service("b", "10.96.0.9")).unwrap();
+        fs::rename(&tmp, dir.path().join("b.yaml")).unwrap();
+        let changed = manifests.load().unwrap();
+        assert_eq!(changed.parsed, 1);
+        assert_eq!(ip_of(&changed, "b"), "10.96.0.9");
+        assert_eq!(ip_of(&changed, "a"), "10.96.0.1");
+
+        fs::remove_file(dir.path().join("c.yaml")).unwrap();
+        let removed = manifests.load().unwrap();
+        assert_eq!(
+            (removed.parsed, removed.cluster.services.len()),
+            (0, 2),
+            "a removed file takes its objects along"
+        );
     }
 }
