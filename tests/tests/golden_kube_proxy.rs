@@ -836,18 +836,51 @@ fn internal_traffic_policy() {
     }
 }
 
-#[test]
-fn terminating_endpoints_traffic_policy_local() {
+/// A TestTerminatingEndpointsTrafficPolicy* case list: an LB Service with the traffic
+/// `policy`, each case's endpoints and flows, then the same Service with its endpoints deleted.
+fn run_terminating_endpoints(test: &str, policy: &str, cases: Vec<(&str, Vec<Value>, [Flow; 2])>) {
     let service = || {
         svc(
             "ns1",
             "svc1",
             "172.30.1.1",
             json!([{"name": "", "port": 80, "protocol": "TCP", "targetPort": 80}]),
-            json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": 30000}),
+            json!({"type": "LoadBalancer", "externalTrafficPolicy": policy, "healthCheckNodePort": 30000}),
             json!({"loadBalancer": {"ingress": [{"ip": LB_IP1}]}}),
         )
     };
+    for (case, endpoints, flows) in cases {
+        let mut f = node_fixture(
+            vec![service(), slice("ns1", "svc1", &[("", 80)], endpoints)],
+            ALL_NODE_IPS,
+            true,
+        );
+        run_packet_flow_tests(&format!("{test}/{case}"), &mut f, &flows);
+        let mut f = node_fixture(vec![service()], ALL_NODE_IPS, true);
+        let deleted = [
+            tcp(
+                "10.0.0.2",
+                "172.30.1.1",
+                80,
+                "REJECT",
+                false,
+                "pod to clusterIP after endpoints deleted",
+            ),
+            tcp(
+                TEST_EXTERNAL_CLIENT,
+                LB_IP1,
+                80,
+                "REJECT",
+                false,
+                "external to LB after endpoints deleted",
+            ),
+        ];
+        run_packet_flow_tests(&format!("{test}/{case}"), &mut f, &deleted);
+    }
+}
+
+#[test]
+fn terminating_endpoints_traffic_policy_local() {
     let here = TEST_HOSTNAME;
     let cases: Vec<(&str, Vec<Value>, [Flow; 2])> = vec![
         (
@@ -953,56 +986,11 @@ fn terminating_endpoints_traffic_policy_local() {
             ],
         ),
     ];
-    for (case, endpoints, flows) in cases {
-        let mut f = node_fixture(
-            vec![service(), slice("ns1", "svc1", &[("", 80)], endpoints)],
-            ALL_NODE_IPS,
-            true,
-        );
-        run_packet_flow_tests(
-            &format!("TestTerminatingEndpointsTrafficPolicyLocal/{case}"),
-            &mut f,
-            &flows,
-        );
-        let mut f = node_fixture(vec![service()], ALL_NODE_IPS, true);
-        let deleted = [
-            tcp(
-                "10.0.0.2",
-                "172.30.1.1",
-                80,
-                "REJECT",
-                false,
-                "pod to clusterIP after endpoints deleted",
-            ),
-            tcp(
-                TEST_EXTERNAL_CLIENT,
-                LB_IP1,
-                80,
-                "REJECT",
-                false,
-                "external to LB after endpoints deleted",
-            ),
-        ];
-        run_packet_flow_tests(
-            &format!("TestTerminatingEndpointsTrafficPolicyLocal/{case}"),
-            &mut f,
-            &deleted,
-        );
-    }
+    run_terminating_endpoints("TestTerminatingEndpointsTrafficPolicyLocal", "Local", cases);
 }
 
 #[test]
 fn terminating_endpoints_traffic_policy_cluster() {
-    let service = || {
-        svc(
-            "ns1",
-            "svc1",
-            "172.30.1.1",
-            json!([{"name": "", "port": 80, "protocol": "TCP", "targetPort": 80}]),
-            json!({"type": "LoadBalancer", "externalTrafficPolicy": "Cluster", "healthCheckNodePort": 30000}),
-            json!({"loadBalancer": {"ingress": [{"ip": LB_IP1}]}}),
-        )
-    };
     let (here, there) = (TEST_HOSTNAME, "another-node");
     let cases: Vec<(&str, Vec<Value>, [Flow; 2])> = vec![
         (
@@ -1108,42 +1096,11 @@ fn terminating_endpoints_traffic_policy_cluster() {
             ],
         ),
     ];
-    for (case, endpoints, flows) in cases {
-        let mut f = node_fixture(
-            vec![service(), slice("ns1", "svc1", &[("", 80)], endpoints)],
-            ALL_NODE_IPS,
-            true,
-        );
-        run_packet_flow_tests(
-            &format!("TestTerminatingEndpointsTrafficPolicyCluster/{case}"),
-            &mut f,
-            &flows,
-        );
-        let mut f = node_fixture(vec![service()], ALL_NODE_IPS, true);
-        let deleted = [
-            tcp(
-                "10.0.0.2",
-                "172.30.1.1",
-                80,
-                "REJECT",
-                false,
-                "pod to clusterIP after endpoints deleted",
-            ),
-            tcp(
-                TEST_EXTERNAL_CLIENT,
-                LB_IP1,
-                80,
-                "REJECT",
-                false,
-                "external to LB after endpoints deleted",
-            ),
-        ];
-        run_packet_flow_tests(
-            &format!("TestTerminatingEndpointsTrafficPolicyCluster/{case}"),
-            &mut f,
-            &deleted,
-        );
-    }
+    run_terminating_endpoints(
+        "TestTerminatingEndpointsTrafficPolicyCluster",
+        "Cluster",
+        cases,
+    );
 }
 
 /// TestInternalExternalMasquerade's "base" and "no LocalTrafficDetector" cases (the latter:
