@@ -5,48 +5,42 @@ use node_common::{AffinityKey, AffinityValue, Backend, SVC_AFFINITY, ServiceKey,
 use crate::maps::{AFFINITY, BACKENDS, SERVICES};
 
 /// Picks a backend for a new flow from `client` to the frontend whose scope master is
-/// `master` (at `key`): the client's affinity backend while it is fresh and still exists,
-/// otherwise a random slot (then remembered for affinity).
+/// `master` (at `key`): with session affinity, the client's backend while it is fresh and still
+/// exists (remembered afresh either way); otherwise a random slot.
 #[inline(always)]
 pub fn select(key: ServiceKey, master: &ServiceValue, client: u32) -> Option<(u32, Backend)> {
+    if master.flags & SVC_AFFINITY == 0 {
+        return random(key, master);
+    }
     let now = (unsafe { bpf_ktime_get_ns() } / 1_000_000_000) as u32;
-    let sticky = master.flags & SVC_AFFINITY != 0;
     let akey = AffinityKey {
         client,
         rev_nat_id: master.rev_nat_id,
         _pad: 0,
     };
-    if sticky
-        && let Some(a) = unsafe { AFFINITY.get(akey) }
-        && now.wrapping_sub(a.last_used) <= master.affinity_timeout
-        && let Some(backend) = unsafe { BACKENDS.get(a.backend_id) }
-    {
-        let id = a.backend_id;
-        let backend = *backend;
-        let _ = AFFINITY.insert(
-            akey,
-            AffinityValue {
-                backend_id: id,
-                last_used: now,
-            },
-            0,
-        );
-        return Some((id, backend));
-    }
+    let sticky = unsafe { AFFINITY.get(akey) }
+        .filter(|a| now.wrapping_sub(a.last_used) <= master.affinity_timeout)
+        .and_then(|a| Some((a.backend_id, *unsafe { BACKENDS.get(a.backend_id) }?)));
+    let (id, backend) = match sticky {
+        Some(chosen) => chosen,
+        None => random(key, master)?,
+    };
+    let _ = AFFINITY.insert(
+        akey,
+        AffinityValue {
+            backend_id: id,
+            last_used: now,
+        },
+        0,
+    );
+    Some((id, backend))
+}
+
+#[inline(always)]
+fn random(key: ServiceKey, master: &ServiceValue) -> Option<(u32, Backend)> {
     let slot = (unsafe { bpf_get_prandom_u32() } % u32::from(master.count)) as u16 + 1;
     // A slot may vanish between reading the count and reading the slot while the agent shrinks
     // the Service; the client retransmits.
     let id = unsafe { SERVICES.get(key.with_slot(slot)) }?.backend_id;
-    let backend = *unsafe { BACKENDS.get(id) }?;
-    if sticky {
-        let _ = AFFINITY.insert(
-            akey,
-            AffinityValue {
-                backend_id: id,
-                last_used: now,
-            },
-            0,
-        );
-    }
-    Some((id, backend))
+    Some((id, *unsafe { BACKENDS.get(id) }?))
 }

@@ -57,14 +57,13 @@ fn try_tc_ingress(ctx: &TcContext) -> Result<i32, c_long> {
     let Some(master) = unsafe { SERVICES.get(frontend) }.copied() else {
         // A ClusterIP on a port or protocol no Service serves rejects; an address of the
         // service range that no Service uses goes nowhere (kube-proxy's nftables mode).
-        if unsafe { CLUSTER_IPS.get(t.daddr) }.is_some() {
+        // With the range known, addresses outside it skip the ClusterIP lookup.
+        let range = config().service_cidr;
+        let in_range = range.contains(t.daddr);
+        if (in_range || range.mask == 0) && unsafe { CLUSTER_IPS.get(t.daddr) }.is_some() {
             return reject(ctx, &flow);
         }
-        return Ok(if config().service_cidr.contains(t.daddr) {
-            TC_ACT_SHOT
-        } else {
-            TC_ACT_OK
-        });
+        return Ok(if in_range { TC_ACT_SHOT } else { TC_ACT_OK });
     };
     if let Some(ct) = ct
         && let Some(backend) = unsafe { BACKENDS.get(ct.backend_id) }
