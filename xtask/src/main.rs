@@ -1,4 +1,5 @@
 //! Project tasks: `cargo xtask setup | build-ebpf | test | demo`.
+mod bench;
 mod demo;
 mod setup;
 
@@ -27,6 +28,8 @@ enum Task {
     Test,
     /// Build a client / node / 3-backend namespace topology and show a Service load-balancing.
     Demo,
+    /// Measure node-agent against kube-proxy's iptables and nftables modes (needs root).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,6 +54,11 @@ fn main() -> anyhow::Result<()> {
                 &root.join("target/release/node-agent"),
                 &root.join("deploy/demo"),
             )
+        }
+        Task::Bench(args) => {
+            setup::run()?;
+            cargo(&root, &["build", "--release", "--package", "node-agent"])?;
+            bench::run(&root.join("target/release/node-agent"), args)
         }
     }
 }

@@ -5,7 +5,9 @@ use anyhow::{Context as _, bail};
 
 use crate::exec;
 
-/// Debian packages: LLVM 22 to build bpf-linker; iproute2 and ethtool for the namespace tests.
+/// Debian packages: LLVM 22 to build bpf-linker; iproute2 and ethtool for the namespace tests;
+/// iptables (legacy and nf_tables backends) and nftables for the kube-proxy baselines of the
+/// benchmark.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -14,6 +16,8 @@ const PACKAGES: &[&str] = &[
     "libxml2-dev",
     "iproute2",
     "ethtool",
+    "iptables",
+    "nftables",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

@@ -1,0 +1,265 @@
+//! `cargo xtask bench`: node-agent against kube-proxy's iptables (legacy and nf_tables
+//! backends) and nftables modes, and a no-NAT floor, in namespaces this run creates.
+mod kube_proxy;
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use kube_proxy::{BenchService, iptables_restore, nft_ruleset};
+use node_agent_tests::{
+    agent::Agent,
+    backend::BackendServer,
+    manifest::{write, yaml},
+    topology::{Topology, backend_ip},
+};
+use serde_json::{Value, json};
+
+const CLUSTER_CIDR: &str = "198.18.8.0/21";
+const BACKEND_PORT: u16 = 8080;
+/// The measured Service: written last, so in iptables mode its rule is the last of
+/// KUBE-SERVICES. Fillers take 198.19.x.y:80/81, which never collide with it.
+const MEASURED: (Ipv4Addr, u16) = (Ipv4Addr::new(198, 19, 255, 254), 9999);
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// A small scale, well under a minute: checks the harness, not the figures.
+    #[arg(long)]
+    quick: bool,
+    /// Service counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,1000,10000,100000")]
+    services: Vec<usize>,
+    /// Where report.json goes.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    NoNat,
+    NodeAgent,
+    IptablesLegacy,
+    IptablesNft,
+    Nftables,
+}
+
+impl Mode {
+    const ALL: [Mode; 5] = [
+        Mode::NoNat,
+        Mode::NodeAgent,
+        Mode::IptablesLegacy,
+        Mode::IptablesNft,
+        Mode::Nftables,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::NoNat => "no-nat",
+            Mode::NodeAgent => "node-agent",
+            Mode::IptablesLegacy => "iptables-legacy",
+            Mode::IptablesNft => "iptables-nft",
+            Mode::Nftables => "nftables",
+        }
+    }
+}
+
+/// One mode's node, programmed for one scale. Fields drop in order: the agent first.
+struct Bed {
+    mode: Mode,
+    _agent: Option<Agent>,
+    _manifests: Option<tempfile::TempDir>,
+    _servers: Vec<BackendServer>,
+    topology: Topology,
+    target: SocketAddr,
+    crr: Vec<Duration>,
+}
+
+pub fn run(agent_binary: &Path, args: BenchArgs) -> anyhow::Result<()> {
+    let (scales, rounds, per_round) = if args.quick {
+        (vec![1, 100], 2, 100)
+    } else {
+        (args.services, 5, 1000)
+    };
+    let mut report = Vec::new();
+    println!(
+        "{:>8}  {:<16} {:>12} {:>12} {:>12}",
+        "services", "mode", "CRR p50 µs", "CRR p99 µs", "conn/s"
+    );
+    for &scale in &scales {
+        let services = services(scale);
+        let mut beds = Mode::ALL
+            .iter()
+            .map(|&mode| bed(agent_binary, mode, &services))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        // Interleaved rounds: a noisy moment hits every mode alike.
+        for round in 0..rounds {
+            eprintln!("bench: {scale} services, round {}/{rounds}", round + 1);
+            for bed in &mut beds {
+                let target = bed.target;
+                let batch = bed.topology.client.run(move || crr(target, per_round))?;
+                let batch = batch.with_context(|| format!("mode {}", bed.mode.name()))?;
+                bed.crr.extend(batch);
+            }
+        }
+        for bed in &beds {
+            let (p50, p99, rate) = summary(&bed.crr);
+            println!(
+                "{scale:>8}  {:<16} {p50:>12.1} {p99:>12.1} {rate:>12.0}",
+                bed.mode.name()
+            );
+            report.push(json!({"services": scale, "mode": bed.mode.name(), "crr": {"p50_us": p50, "p99_us": p99, "conn_per_s": rate, "samples": bed.crr.len()}}));
+        }
+    }
+    fs::create_dir_all(&args.out)?;
+    let path = args.out.join("report.json");
+    fs::write(
+        &path,
+        serde_json::to_string_pretty(&json!({"results": report}))?,
+    )?;
+    println!("report: {}", path.display());
+    Ok(())
+}
+
+/// `count` Services: fillers with two fake endpoints, then the measured one with the real
+/// backends.
+fn services(count: usize) -> Vec<BenchService> {
+    let filler_endpoints = vec![
+        (Ipv4Addr::new(198, 18, 200, 1), BACKEND_PORT),
+        (Ipv4Addr::new(198, 18, 200, 2), BACKEND_PORT),
+    ];
+    let mut services: Vec<BenchService> = (0..count.saturating_sub(1))
+        .map(|i| BenchService {
+            name: format!("default/filler-{i}"),
+            cluster_ip: Ipv4Addr::new(198, 19, (i >> 8) as u8, i as u8),
+            port: 80 + (i >> 16) as u16,
+            endpoints: filler_endpoints.clone(),
+        })
+        .collect();
+    services.push(BenchService {
+        name: "default/measured".into(),
+        cluster_ip: MEASURED.0,
+        port: MEASURED.1,
+        endpoints: vec![(backend_ip(1), BACKEND_PORT), (backend_ip(2), BACKEND_PORT)],
+    });
+    services
+}
+
+fn bed(agent_binary: &Path, mode: Mode, services: &[BenchService]) -> anyhow::Result<Bed> {
+    let topology = Topology::new(2)?;
+    let servers = topology.start_backends(BACKEND_PORT)?;
+    let vip = SocketAddr::new(IpAddr::V4(MEASURED.0), MEASURED.1);
+    let (mut agent, mut manifests, mut target) = (None, None, vip);
+    match mode {
+        Mode::NoNat => target = SocketAddr::new(IpAddr::V4(backend_ip(1)), BACKEND_PORT),
+        Mode::NodeAgent => {
+            let dir = tempfile::tempdir()?;
+            write(dir.path(), "services.yaml", &manifest_list(services))?;
+            let flags = [
+                "--cluster-cidr",
+                CLUSTER_CIDR,
+                "--service-cidr",
+                "198.19.0.0/16",
+            ];
+            agent = Some(Agent::start(
+                agent_binary,
+                &topology.node,
+                dir.path(),
+                &topology.node_devices(),
+                &flags,
+            )?);
+            manifests = Some(dir);
+        }
+        Mode::IptablesLegacy => restore(
+            &topology,
+            "iptables-legacy-restore",
+            &iptables_restore(services, CLUSTER_CIDR),
+        )?,
+        Mode::IptablesNft => restore(
+            &topology,
+            "iptables-nft-restore",
+            &iptables_restore(services, CLUSTER_CIDR),
+        )?,
+        Mode::Nftables => restore(&topology, "nft", &nft_ruleset(services, CLUSTER_CIDR))?,
+    }
+    Ok(Bed {
+        mode,
+        _agent: agent,
+        _manifests: manifests,
+        _servers: servers,
+        topology,
+        target,
+        crr: Vec::new(),
+    })
+}
+
+/// Feeds `rules` to `tool` (a restore command, or nft) inside the node namespace.
+fn restore(topology: &Topology, tool: &str, rules: &str) -> anyhow::Result<()> {
+    let args: &[&str] = if tool == "nft" { &["-f", "-"] } else { &[] };
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", topology.node.name(), tool])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {tool}"))?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(rules.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{tool} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// The Services and their EndpointSlices as one `kind: List` manifest.
+fn manifest_list(services: &[BenchService]) -> String {
+    let mut items: Vec<Value> = Vec::with_capacity(services.len() * 2);
+    for (i, svc) in services.iter().enumerate() {
+        let name = format!("s{i}");
+        items.push(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"},
+            "spec": {"clusterIP": svc.cluster_ip.to_string(), "ports": [{"name": "http", "port": svc.port, "protocol": "TCP"}]}}));
+        let endpoints: Vec<Value> = svc
+            .endpoints
+            .iter()
+            .map(|(ip, _)| json!({"addresses": [ip.to_string()]}))
+            .collect();
+        items.push(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("{name}-1"), "namespace": "default", "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": svc.endpoints[0].1, "protocol": "TCP"}], "endpoints": endpoints}));
+    }
+    yaml(json!({"apiVersion": "v1", "kind": "List", "items": items}))
+}
+
+/// TCP_CRR: `count` times connect, read the backend's greeting, close; each one's latency.
+fn crr(target: SocketAddr, count: usize) -> anyhow::Result<Vec<Duration>> {
+    let mut latencies = Vec::with_capacity(count);
+    for _ in 0..count {
+        let start = Instant::now();
+        let stream = TcpStream::connect_timeout(&target, Duration::from_secs(2))
+            .with_context(|| format!("connecting to {target}"))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut greeting = String::new();
+        BufReader::new(&stream).read_line(&mut greeting)?;
+        drop(stream);
+        latencies.push(start.elapsed());
+    }
+    Ok(latencies)
+}
+
+/// p50 and p99 in µs, and connections per second.
+fn summary(samples: &[Duration]) -> (f64, f64, f64) {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
+    let total: f64 = samples.iter().map(Duration::as_secs_f64).sum();
+    (at(0.5), at(0.99), samples.len() as f64 / total)
+}
