@@ -83,6 +83,7 @@ impl BackendServer {
 
 fn serve_tcp(conn: TcpStream, greeting: &str, stop: &AtomicBool) {
     let _ = conn.set_nonblocking(false);
+    let _ = conn.set_nodelay(true);
     let _ = conn.set_read_timeout(Some(Duration::from_millis(50)));
     let mut writer = match conn.try_clone() {
         Ok(w) => w,

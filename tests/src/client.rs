@@ -59,6 +59,8 @@ impl Connection {
 
     fn greeted(stream: TcpStream) -> io::Result<Self> {
         stream.set_read_timeout(Some(TIMEOUT))?;
+        // Request/response: no Nagle waiting on a delayed ACK.
+        stream.set_nodelay(true)?;
         let mut reader = BufReader::new(stream);
         let mut line = String::new();
         reader.read_line(&mut line)?;

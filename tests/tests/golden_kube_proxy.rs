@@ -1317,3 +1317,68 @@ fn internal_external_masquerade() {
         &no_detector,
     );
 }
+
+#[test]
+fn no_endpoints_reject() {
+    let service = svc(
+        "ns1",
+        "svc1",
+        "172.30.0.41",
+        json!([{"name": "p80", "port": 80, "protocol": "TCP", "nodePort": 3001}]),
+        json!({"type": "LoadBalancer", "externalIPs": [EXTERNAL_IP]}),
+        json!({"loadBalancer": {"ingress": [{"ip": LB_IP1}]}}),
+    );
+    let mut f = node_fixture(vec![service], ALL_NODE_IPS, true);
+    let (pod, node, ext) = ("10.0.0.2", "192.168.0.2", TEST_EXTERNAL_CLIENT);
+    let flows = [
+        tcp(
+            pod,
+            "172.30.0.41",
+            80,
+            "REJECT",
+            false,
+            "pod to cluster IP with no endpoints",
+        ),
+        tcp(
+            ext,
+            EXTERNAL_IP,
+            80,
+            "REJECT",
+            false,
+            "external to external IP with no endpoints",
+        ),
+        tcp(
+            pod,
+            node,
+            3001,
+            "REJECT",
+            false,
+            "pod to NodePort with no endpoints",
+        ),
+        tcp(
+            ext,
+            node,
+            3001,
+            "REJECT",
+            false,
+            "external to NodePort with no endpoints",
+        ),
+        tcp(
+            pod,
+            LB_IP1,
+            80,
+            "REJECT",
+            false,
+            "pod to LoadBalancer IP with no endpoints",
+        ),
+        tcp(
+            ext,
+            LB_IP1,
+            80,
+            "REJECT",
+            false,
+            "external to LoadBalancer IP with no endpoints",
+        ),
+    ];
+    run_packet_flow_tests("TestNoEndpointsReject", &mut f, &flows);
+}

@@ -4,12 +4,14 @@
 //! Pure text generators, so their layout is table-tested.
 use std::{fmt::Write as _, net::Ipv4Addr};
 
-/// One ClusterIP Service port with its endpoints (all TCP).
+/// One ClusterIP Service port with its endpoints.
 #[derive(Clone, Debug)]
 pub struct BenchService {
     pub name: String,
     pub cluster_ip: Ipv4Addr,
     pub port: u16,
+    /// "tcp" or "udp", as iptables and nft spell it.
+    pub proto: &'static str,
     pub endpoints: Vec<(Ipv4Addr, u16)>,
 }
 
@@ -49,25 +51,25 @@ pub fn iptables_restore(services: &[BenchService], cluster_cidr: &str) -> String
     rules.push_str("-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000\n");
     rules.push_str("-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n");
     for svc in services {
+        let (vip, port, name, proto) = (svc.cluster_ip, svc.port, &svc.name, svc.proto);
         let svc_chain = format!(
             "KUBE-SVC-{}",
-            chain_suffix(&format!("{}:p{}", svc.name, svc.port))
+            chain_suffix(&format!("{name}:p{port}/{proto}"))
         );
         let _ = writeln!(chains, ":{svc_chain} - [0:0]");
-        let (vip, port, name) = (svc.cluster_ip, svc.port, &svc.name);
         let _ = writeln!(
             rules,
-            "-A KUBE-SERVICES -m comment --comment \"{name}:p{port} cluster IP\" -m tcp -p tcp -d {vip} --dport {port} -j {svc_chain}"
+            "-A KUBE-SERVICES -m comment --comment \"{name}:p{port} cluster IP\" -m {proto} -p {proto} -d {vip} --dport {port} -j {svc_chain}"
         );
         let _ = writeln!(
             rules,
-            "-A {svc_chain} -m comment --comment \"{name}:p{port} cluster IP\" -m tcp -p tcp -d {vip} --dport {port} ! -s {cluster_cidr} -j KUBE-MARK-MASQ"
+            "-A {svc_chain} -m comment --comment \"{name}:p{port} cluster IP\" -m {proto} -p {proto} -d {vip} --dport {port} ! -s {cluster_cidr} -j KUBE-MARK-MASQ"
         );
         let n = svc.endpoints.len();
         for (i, (ip, ep_port)) in svc.endpoints.iter().enumerate() {
             let sep_chain = format!(
                 "KUBE-SEP-{}",
-                chain_suffix(&format!("{name}:p{port}:{ip}:{ep_port}"))
+                chain_suffix(&format!("{name}:p{port}/{proto}:{ip}:{ep_port}"))
             );
             let _ = writeln!(chains, ":{sep_chain} - [0:0]");
             // kube-proxy: each endpoint but the last takes 1/(remaining) of what reaches it.
@@ -89,7 +91,7 @@ pub fn iptables_restore(services: &[BenchService], cluster_cidr: &str) -> String
             );
             let _ = writeln!(
                 rules,
-                "-A {sep_chain} -m comment --comment \"{name}:p{port}\" -m tcp -p tcp -j DNAT --to-destination {ip}:{ep_port}"
+                "-A {sep_chain} -m comment --comment \"{name}:p{port}\" -m {proto} -p {proto} -j DNAT --to-destination {ip}:{ep_port}"
             );
         }
     }
@@ -109,20 +111,20 @@ pub fn nft_ruleset(services: &[BenchService], cluster_cidr: &str) -> String {
     out.push_str("  chain nat-prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n    jump services\n  }\n");
     let mut elements = Vec::new();
     for svc in services {
-        let (vip, port, name) = (svc.cluster_ip, svc.port, &svc.name);
+        let (vip, port, name, proto) = (svc.cluster_ip, svc.port, &svc.name, svc.proto);
         let svc_chain = format!(
-            "service-{}-{name}/tcp/p{port}",
-            &chain_suffix(&format!("{name}:p{port}"))[..8]
+            "service-{}-{name}/{proto}/p{port}",
+            &chain_suffix(&format!("{name}:p{port}/{proto}"))[..8]
         );
         let mut endpoint_chains = Vec::new();
         for (ip, ep_port) in &svc.endpoints {
             let ep_chain = format!(
-                "endpoint-{}-{name}/tcp/p{port}__{ip}/{ep_port}",
-                &chain_suffix(&format!("{name}:{ip}:{ep_port}"))[..8]
+                "endpoint-{}-{name}/{proto}/p{port}__{ip}/{ep_port}",
+                &chain_suffix(&format!("{name}/{proto}:{ip}:{ep_port}"))[..8]
             );
             let _ = writeln!(
                 out,
-                "  chain {ep_chain} {{\n    ip saddr {ip} jump mark-for-masquerade\n    meta l4proto tcp dnat to {ip}:{ep_port}\n  }}"
+                "  chain {ep_chain} {{\n    ip saddr {ip} jump mark-for-masquerade\n    meta l4proto {proto} dnat to {ip}:{ep_port}\n  }}"
             );
             endpoint_chains.push(ep_chain);
         }
@@ -137,7 +139,7 @@ pub fn nft_ruleset(services: &[BenchService], cluster_cidr: &str) -> String {
             vmap.len(),
             vmap.join(", ")
         );
-        elements.push(format!("{vip} . tcp . {port} : goto {svc_chain}"));
+        elements.push(format!("{vip} . {proto} . {port} : goto {svc_chain}"));
     }
     out.push_str("}\n");
     if !elements.is_empty() {
@@ -159,6 +161,7 @@ mod tests {
             name: "default/web".into(),
             cluster_ip: Ipv4Addr::new(198, 19, 0, 10),
             port: 80,
+            proto: "tcp",
             endpoints: vec![
                 (Ipv4Addr::new(198, 18, 11, 2), 8080),
                 (Ipv4Addr::new(198, 18, 12, 2), 8080),

@@ -16,6 +16,7 @@ use kube_proxy::{BenchService, iptables_restore, nft_ruleset};
 use node_agent_tests::{
     agent::Agent,
     backend::BackendServer,
+    client::{Connection, UdpFlow},
     manifest::{write, yaml},
     topology::{Topology, backend_ip},
 };
@@ -78,6 +79,8 @@ struct Bed {
     topology: Topology,
     target: SocketAddr,
     crr: Vec<Duration>,
+    rr: Vec<Duration>,
+    udp: Vec<Duration>,
 }
 
 pub fn run(agent_binary: &Path, args: BenchArgs) -> anyhow::Result<()> {
@@ -88,8 +91,16 @@ pub fn run(agent_binary: &Path, args: BenchArgs) -> anyhow::Result<()> {
     };
     let mut report = Vec::new();
     println!(
-        "{:>8}  {:<16} {:>12} {:>12} {:>12}",
-        "services", "mode", "CRR p50 µs", "CRR p99 µs", "conn/s"
+        "{:>8}  {:<16} {:>11} {:>11} {:>8} {:>10} {:>10} {:>11} {:>11}",
+        "services",
+        "mode",
+        "CRR p50 µs",
+        "CRR p99 µs",
+        "conn/s",
+        "RR p50 µs",
+        "RR p99 µs",
+        "UDP p50 µs",
+        "UDP p99 µs"
     );
     for &scale in &scales {
         let services = services(scale);
@@ -102,18 +113,33 @@ pub fn run(agent_binary: &Path, args: BenchArgs) -> anyhow::Result<()> {
             eprintln!("bench: {scale} services, round {}/{rounds}", round + 1);
             for bed in &mut beds {
                 let target = bed.target;
-                let batch = bed.topology.client.run(move || crr(target, per_round))?;
-                let batch = batch.with_context(|| format!("mode {}", bed.mode.name()))?;
-                bed.crr.extend(batch);
+                let batch = bed.topology.client.run(move || -> anyhow::Result<_> {
+                    Ok((
+                        crr(target, per_round)?,
+                        rr(target, per_round)?,
+                        udp_rr(target, per_round)?,
+                    ))
+                })?;
+                let (crr, rr, udp) = batch.with_context(|| format!("mode {}", bed.mode.name()))?;
+                bed.crr.extend(crr);
+                bed.rr.extend(rr);
+                bed.udp.extend(udp);
             }
         }
         for bed in &beds {
-            let (p50, p99, rate) = summary(&bed.crr);
+            let (crr, rr, udp) = (summary(&bed.crr), summary(&bed.rr), summary(&bed.udp));
             println!(
-                "{scale:>8}  {:<16} {p50:>12.1} {p99:>12.1} {rate:>12.0}",
-                bed.mode.name()
+                "{scale:>8}  {:<16} {:>11.1} {:>11.1} {:>8.0} {:>10.1} {:>10.1} {:>11.1} {:>11.1}",
+                bed.mode.name(),
+                crr.p50,
+                crr.p99,
+                crr.rate,
+                rr.p50,
+                rr.p99,
+                udp.p50,
+                udp.p99
             );
-            report.push(json!({"services": scale, "mode": bed.mode.name(), "crr": {"p50_us": p50, "p99_us": p99, "conn_per_s": rate, "samples": bed.crr.len()}}));
+            report.push(json!({"services": scale, "mode": bed.mode.name(), "tcp_crr": crr, "tcp_rr": rr, "udp_rr": udp}));
         }
     }
     fs::create_dir_all(&args.out)?;
@@ -138,15 +164,20 @@ fn services(count: usize) -> Vec<BenchService> {
             name: format!("default/filler-{i}"),
             cluster_ip: Ipv4Addr::new(198, 19, (i >> 8) as u8, i as u8),
             port: 80 + (i >> 16) as u16,
+            proto: "tcp",
             endpoints: filler_endpoints.clone(),
         })
         .collect();
-    services.push(BenchService {
-        name: "default/measured".into(),
-        cluster_ip: MEASURED.0,
-        port: MEASURED.1,
-        endpoints: vec![(backend_ip(1), BACKEND_PORT), (backend_ip(2), BACKEND_PORT)],
-    });
+    // TCP and UDP on the same port, as two Service ports (two KUBE-SVC chains in iptables).
+    for proto in ["tcp", "udp"] {
+        services.push(BenchService {
+            name: "default/measured".into(),
+            cluster_ip: MEASURED.0,
+            port: MEASURED.1,
+            proto,
+            endpoints: vec![(backend_ip(1), BACKEND_PORT), (backend_ip(2), BACKEND_PORT)],
+        });
+    }
     services
 }
 
@@ -195,6 +226,8 @@ fn bed(agent_binary: &Path, mode: Mode, services: &[BenchService]) -> anyhow::Re
         topology,
         target,
         crr: Vec::new(),
+        rr: Vec::new(),
+        udp: Vec::new(),
     })
 }
 
@@ -220,21 +253,38 @@ fn restore(topology: &Topology, tool: &str, rules: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The Services and their EndpointSlices as one `kind: List` manifest.
+/// The Services (Service ports of one name grouped into one Service) and their
+/// EndpointSlices as one `kind: List` manifest.
 fn manifest_list(services: &[BenchService]) -> String {
-    let mut items: Vec<Value> = Vec::with_capacity(services.len() * 2);
-    for (i, svc) in services.iter().enumerate() {
+    let mut grouped: Vec<(&str, Vec<&BenchService>)> = Vec::new();
+    for svc in services {
+        match grouped.last_mut() {
+            Some((name, ports)) if *name == svc.name => ports.push(svc),
+            _ => grouped.push((&svc.name, vec![svc])),
+        }
+    }
+    let mut items: Vec<Value> = Vec::with_capacity(grouped.len() * 2);
+    for (i, (_, ports)) in grouped.iter().enumerate() {
         let name = format!("s{i}");
-        items.push(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"},
-            "spec": {"clusterIP": svc.cluster_ip.to_string(), "ports": [{"name": "http", "port": svc.port, "protocol": "TCP"}]}}));
-        let endpoints: Vec<Value> = svc
+        let protocol = |svc: &BenchService| svc.proto.to_uppercase();
+        let service_ports: Vec<Value> = ports
+            .iter()
+            .map(|p| json!({"name": p.proto, "port": p.port, "protocol": protocol(p)}))
+            .collect();
+        let slice_ports: Vec<Value> = ports
+            .iter()
+            .map(|p| json!({"name": p.proto, "port": p.endpoints[0].1, "protocol": protocol(p)}))
+            .collect();
+        let endpoints: Vec<Value> = ports[0]
             .endpoints
             .iter()
             .map(|(ip, _)| json!({"addresses": [ip.to_string()]}))
             .collect();
+        items.push(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"},
+            "spec": {"clusterIP": ports[0].cluster_ip.to_string(), "ports": service_ports}}));
         items.push(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"name": format!("{name}-1"), "namespace": "default", "labels": {"kubernetes.io/service-name": name}},
-            "addressType": "IPv4", "ports": [{"name": "http", "port": svc.endpoints[0].1, "protocol": "TCP"}], "endpoints": endpoints}));
+            "addressType": "IPv4", "ports": slice_ports, "endpoints": endpoints}));
     }
     yaml(json!({"apiVersion": "v1", "kind": "List", "items": items}))
 }
@@ -255,11 +305,48 @@ fn crr(target: SocketAddr, count: usize) -> anyhow::Result<Vec<Duration>> {
     Ok(latencies)
 }
 
-/// p50 and p99 in µs, and connections per second.
-fn summary(samples: &[Duration]) -> (f64, f64, f64) {
+/// TCP_RR: one kept-alive connection, `count` request/response round trips.
+fn rr(target: SocketAddr, count: usize) -> anyhow::Result<Vec<Duration>> {
+    let mut conn = Connection::open(target).with_context(|| format!("connecting to {target}"))?;
+    (0..count)
+        .map(|_| {
+            let start = Instant::now();
+            conn.echo("x")?;
+            Ok(start.elapsed())
+        })
+        .collect()
+}
+
+/// UDP request/response: one flow, `count` datagrams each answered.
+fn udp_rr(target: SocketAddr, count: usize) -> anyhow::Result<Vec<Duration>> {
+    let flow = UdpFlow::open(target)?;
+    (0..count)
+        .map(|_| {
+            let start = Instant::now();
+            flow.ask()?;
+            Ok(start.elapsed())
+        })
+        .collect()
+}
+
+/// Latency percentiles in µs, and operations per second one after another.
+#[derive(serde::Serialize)]
+struct Summary {
+    p50: f64,
+    p99: f64,
+    rate: f64,
+    samples: usize,
+}
+
+fn summary(samples: &[Duration]) -> Summary {
     let mut sorted = samples.to_vec();
     sorted.sort();
     let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
     let total: f64 = samples.iter().map(Duration::as_secs_f64).sum();
-    (at(0.5), at(0.99), samples.len() as f64 / total)
+    Summary {
+        p50: at(0.5),
+        p99: at(0.99),
+        rate: samples.len() as f64 / total,
+        samples: samples.len(),
+    }
 }
