@@ -31,8 +31,8 @@ fn chain_suffix(text: &str) -> String {
         .collect()
 }
 
-/// The nat table as `iptables-restore` input. Services are written in order, so the last one
-/// sits at the end of KUBE-SERVICES (the worst case for a linear chain walk).
+/// The nat table as `iptables-restore` input: kube-proxy's full sync. Services are written in
+/// order, so the last one sits at the end of KUBE-SERVICES (the worst case for a linear walk).
 pub fn iptables_restore(services: &[BenchService], cluster_cidr: &str) -> String {
     let mut chains = String::from(
         "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n",
@@ -52,53 +52,75 @@ pub fn iptables_restore(services: &[BenchService], cluster_cidr: &str) -> String
     rules.push_str("-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n");
     for svc in services {
         let (vip, port, name, proto) = (svc.cluster_ip, svc.port, &svc.name, svc.proto);
-        let svc_chain = format!(
-            "KUBE-SVC-{}",
-            chain_suffix(&format!("{name}:p{port}/{proto}"))
-        );
-        let _ = writeln!(chains, ":{svc_chain} - [0:0]");
         let _ = writeln!(
             rules,
-            "-A KUBE-SERVICES -m comment --comment \"{name}:p{port} cluster IP\" -m {proto} -p {proto} -d {vip} --dport {port} -j {svc_chain}"
+            "-A KUBE-SERVICES -m comment --comment \"{name}:p{port} cluster IP\" -m {proto} -p {proto} -d {vip} --dport {port} -j {}",
+            svc_chain(svc)
         );
-        let _ = writeln!(
-            rules,
-            "-A {svc_chain} -m comment --comment \"{name}:p{port} cluster IP\" -m {proto} -p {proto} -d {vip} --dport {port} ! -s {cluster_cidr} -j KUBE-MARK-MASQ"
-        );
-        let n = svc.endpoints.len();
-        for (i, (ip, ep_port)) in svc.endpoints.iter().enumerate() {
-            let sep_chain = format!(
-                "KUBE-SEP-{}",
-                chain_suffix(&format!("{name}:p{port}/{proto}:{ip}:{ep_port}"))
-            );
-            let _ = writeln!(chains, ":{sep_chain} - [0:0]");
-            // kube-proxy: each endpoint but the last takes 1/(remaining) of what reaches it.
-            let jump = if i + 1 < n {
-                format!(
-                    "-m statistic --mode random --probability {:.10} ",
-                    1.0 / (n - i) as f64
-                )
-            } else {
-                String::new()
-            };
-            let _ = writeln!(
-                rules,
-                "-A {svc_chain} -m comment --comment \"{name}:p{port} -> {ip}:{ep_port}\" {jump}-j {sep_chain}"
-            );
-            let _ = writeln!(
-                rules,
-                "-A {sep_chain} -m comment --comment \"{name}:p{port}\" -s {ip} -j KUBE-MARK-MASQ"
-            );
-            let _ = writeln!(
-                rules,
-                "-A {sep_chain} -m comment --comment \"{name}:p{port}\" -m {proto} -p {proto} -j DNAT --to-destination {ip}:{ep_port}"
-            );
-        }
+        service_chains(svc, cluster_cidr, &mut chains, &mut rules);
     }
     chains + &rules + "COMMIT\n"
 }
 
-/// The `ip kube-proxy` table as `nft -f` input.
+/// kube-proxy's partial sync: only the chains of `changed` Services, for
+/// `iptables-restore --noflush` (declaring a chain flushes just that chain).
+pub fn iptables_restore_partial(changed: &[BenchService], cluster_cidr: &str) -> String {
+    let (mut chains, mut rules) = (String::from("*nat\n"), String::new());
+    for svc in changed {
+        service_chains(svc, cluster_cidr, &mut chains, &mut rules);
+    }
+    chains + &rules + "COMMIT\n"
+}
+
+fn svc_chain(svc: &BenchService) -> String {
+    format!(
+        "KUBE-SVC-{}",
+        chain_suffix(&format!("{}:p{}/{}", svc.name, svc.port, svc.proto))
+    )
+}
+
+/// A Service's KUBE-SVC chain (masquerade mark for off-cluster sources, endpoints picked with
+/// `statistic`) and its KUBE-SEP chains.
+fn service_chains(svc: &BenchService, cluster_cidr: &str, chains: &mut String, rules: &mut String) {
+    let (vip, port, name, proto) = (svc.cluster_ip, svc.port, &svc.name, svc.proto);
+    let svc_chain = svc_chain(svc);
+    let _ = writeln!(chains, ":{svc_chain} - [0:0]");
+    let _ = writeln!(
+        rules,
+        "-A {svc_chain} -m comment --comment \"{name}:p{port} cluster IP\" -m {proto} -p {proto} -d {vip} --dport {port} ! -s {cluster_cidr} -j KUBE-MARK-MASQ"
+    );
+    let n = svc.endpoints.len();
+    for (i, (ip, ep_port)) in svc.endpoints.iter().enumerate() {
+        let sep_chain = format!(
+            "KUBE-SEP-{}",
+            chain_suffix(&format!("{name}:p{port}/{proto}:{ip}:{ep_port}"))
+        );
+        let _ = writeln!(chains, ":{sep_chain} - [0:0]");
+        // kube-proxy: each endpoint but the last takes 1/(remaining) of what reaches it.
+        let jump = if i + 1 < n {
+            format!(
+                "-m statistic --mode random --probability {:.10} ",
+                1.0 / (n - i) as f64
+            )
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            rules,
+            "-A {svc_chain} -m comment --comment \"{name}:p{port} -> {ip}:{ep_port}\" {jump}-j {sep_chain}"
+        );
+        let _ = writeln!(
+            rules,
+            "-A {sep_chain} -m comment --comment \"{name}:p{port}\" -s {ip} -j KUBE-MARK-MASQ"
+        );
+        let _ = writeln!(
+            rules,
+            "-A {sep_chain} -m comment --comment \"{name}:p{port}\" -m {proto} -p {proto} -j DNAT --to-destination {ip}:{ep_port}"
+        );
+    }
+}
+
+/// The `ip kube-proxy` table as `nft -f` input: kube-proxy's full sync.
 pub fn nft_ruleset(services: &[BenchService], cluster_cidr: &str) -> String {
     let mut out = String::from("table ip kube-proxy {\n");
     out.push_str("  map service-ips { type ipv4_addr . inet_proto . inet_service : verdict; }\n");
@@ -111,35 +133,26 @@ pub fn nft_ruleset(services: &[BenchService], cluster_cidr: &str) -> String {
     out.push_str("  chain nat-prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n    jump services\n  }\n");
     let mut elements = Vec::new();
     for svc in services {
-        let (vip, port, name, proto) = (svc.cluster_ip, svc.port, &svc.name, svc.proto);
-        let svc_chain = format!(
-            "service-{}-{name}/{proto}/p{port}",
-            &chain_suffix(&format!("{name}:p{port}/{proto}"))[..8]
-        );
-        let mut endpoint_chains = Vec::new();
-        for (ip, ep_port) in &svc.endpoints {
-            let ep_chain = format!(
-                "endpoint-{}-{name}/{proto}/p{port}__{ip}/{ep_port}",
-                &chain_suffix(&format!("{name}/{proto}:{ip}:{ep_port}"))[..8]
-            );
+        let chains = NftChains::of(svc);
+        for ((ip, ep_port), ep_chain) in svc.endpoints.iter().zip(&chains.endpoints) {
             let _ = writeln!(
                 out,
-                "  chain {ep_chain} {{\n    ip saddr {ip} jump mark-for-masquerade\n    meta l4proto {proto} dnat to {ip}:{ep_port}\n  }}"
+                "  chain {ep_chain} {{\n    ip saddr {ip} jump mark-for-masquerade\n    meta l4proto {} dnat to {ip}:{ep_port}\n  }}",
+                svc.proto
             );
-            endpoint_chains.push(ep_chain);
         }
-        let vmap: Vec<String> = endpoint_chains
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{i} : goto {c}"))
-            .collect();
         let _ = writeln!(
             out,
-            "  chain {svc_chain} {{\n    ip daddr {vip} ip saddr != {cluster_cidr} jump mark-for-masquerade\n    numgen random mod {} vmap {{ {} }}\n  }}",
-            vmap.len(),
-            vmap.join(", ")
+            "  chain {} {{\n{}  }}",
+            chains.service,
+            chains
+                .service_rules(svc, cluster_cidr)
+                .replace("RULE ", "    ")
         );
-        elements.push(format!("{vip} . {proto} . {port} : goto {svc_chain}"));
+        elements.push(format!(
+            "{} . {} . {} : goto {}",
+            svc.cluster_ip, svc.proto, svc.port, chains.service
+        ));
     }
     out.push_str("}\n");
     if !elements.is_empty() {
@@ -150,6 +163,80 @@ pub fn nft_ruleset(services: &[BenchService], cluster_cidr: &str) -> String {
         );
     }
     out
+}
+
+/// kube-proxy's partial sync for `changed` Services: their chains are added (if new), flushed
+/// and written again.
+pub fn nft_update(changed: &[BenchService], cluster_cidr: &str) -> String {
+    let mut out = String::new();
+    for svc in changed {
+        let chains = NftChains::of(svc);
+        for ((ip, ep_port), ep_chain) in svc.endpoints.iter().zip(&chains.endpoints) {
+            let add = format!("add rule ip kube-proxy {ep_chain}");
+            let _ = writeln!(
+                out,
+                "add chain ip kube-proxy {ep_chain}\nflush chain ip kube-proxy {ep_chain}"
+            );
+            let _ = writeln!(
+                out,
+                "{add} ip saddr {ip} jump mark-for-masquerade\n{add} meta l4proto {} dnat to {ip}:{ep_port}",
+                svc.proto
+            );
+        }
+        let _ = writeln!(out, "flush chain ip kube-proxy {}", chains.service);
+        let prefix = format!("add rule ip kube-proxy {} ", chains.service);
+        out.push_str(
+            &chains
+                .service_rules(svc, cluster_cidr)
+                .replace("RULE ", &prefix),
+        );
+    }
+    out
+}
+
+/// The nftables chain names of one Service port.
+struct NftChains {
+    service: String,
+    endpoints: Vec<String>,
+}
+
+impl NftChains {
+    fn of(svc: &BenchService) -> Self {
+        let (port, name, proto) = (svc.port, &svc.name, svc.proto);
+        let hash = |text: String| chain_suffix(&text)[..8].to_owned();
+        Self {
+            service: format!(
+                "service-{}-{name}/{proto}/p{port}",
+                hash(format!("{name}:p{port}/{proto}"))
+            ),
+            endpoints: svc
+                .endpoints
+                .iter()
+                .map(|(ip, ep_port)| {
+                    format!(
+                        "endpoint-{}-{name}/{proto}/p{port}__{ip}/{ep_port}",
+                        hash(format!("{name}/{proto}:{ip}:{ep_port}"))
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// The service chain's rules, one per line, each starting with "RULE ".
+    fn service_rules(&self, svc: &BenchService, cluster_cidr: &str) -> String {
+        let vmap: Vec<String> = self
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{i} : goto {c}"))
+            .collect();
+        format!(
+            "RULE ip daddr {} ip saddr != {cluster_cidr} jump mark-for-masquerade\nRULE numgen random mod {} vmap {{ {} }}\n",
+            svc.cluster_ip,
+            vmap.len(),
+            vmap.join(", ")
+        )
+    }
 }
 
 #[cfg(test)]

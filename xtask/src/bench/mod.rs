@@ -1,8 +1,10 @@
 //! `cargo xtask bench`: node-agent against kube-proxy's iptables (legacy and nf_tables
 //! backends) and nftables modes, and a no-NAT floor, in namespaces this run creates.
 mod kube_proxy;
+mod pinned;
 
 use std::{
+    collections::BTreeMap,
     fs,
     io::{BufRead as _, BufReader, Write as _},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
@@ -12,7 +14,9 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use kube_proxy::{BenchService, iptables_restore, nft_ruleset};
+use kube_proxy::{
+    BenchService, iptables_restore, iptables_restore_partial, nft_ruleset, nft_update,
+};
 use node_agent_tests::{
     agent::Agent,
     backend::BackendServer,
@@ -20,6 +24,8 @@ use node_agent_tests::{
     manifest::{write, yaml},
     topology::{Topology, backend_ip},
 };
+use node_common::{PROTO_TCP, SCOPE_EXTERNAL, SERVICES_MAP, ServiceKey, ServiceValue};
+use pinned::PinnedMap;
 use serde_json::{Value, json};
 
 const CLUSTER_CIDR: &str = "198.18.8.0/21";
@@ -73,8 +79,8 @@ impl Mode {
 /// One mode's node, programmed for one scale. Fields drop in order: the agent first.
 struct Bed {
     mode: Mode,
-    _agent: Option<Agent>,
-    _manifests: Option<tempfile::TempDir>,
+    agent: Option<Agent>,
+    manifests: Option<tempfile::TempDir>,
     _servers: Vec<BackendServer>,
     topology: Topology,
     target: SocketAddr,
@@ -127,6 +133,22 @@ pub fn run(agent_binary: &Path, args: BenchArgs) -> anyhow::Result<()> {
             }
         }
         for bed in &beds {
+            let timings = programming(bed, &services, if args.quick { 2 } else { 6 })?;
+            let programming: BTreeMap<&str, f64> = ["manifest change", "full sync", "partial sync"]
+                .into_iter()
+                .filter_map(|kind| {
+                    let samples: Vec<Duration> = timings
+                        .iter()
+                        .filter(|(k, _)| *k == kind)
+                        .map(|(_, d)| *d)
+                        .collect();
+                    (!samples.is_empty()).then(|| (kind, summary(&samples).p50 / 1000.0))
+                })
+                .collect();
+            eprintln!(
+                "bench: {scale} services, {}: programming p50 (ms) {programming:?}",
+                bed.mode.name()
+            );
             let (crr, rr, udp) = (summary(&bed.crr), summary(&bed.rr), summary(&bed.udp));
             println!(
                 "{scale:>8}  {:<16} {:>11.1} {:>11.1} {:>8.0} {:>10.1} {:>10.1} {:>11.1} {:>11.1}",
@@ -139,7 +161,8 @@ pub fn run(agent_binary: &Path, args: BenchArgs) -> anyhow::Result<()> {
                 udp.p50,
                 udp.p99
             );
-            report.push(json!({"services": scale, "mode": bed.mode.name(), "tcp_crr": crr, "tcp_rr": rr, "udp_rr": udp}));
+            report.push(json!({"services": scale, "mode": bed.mode.name(), "tcp_crr": crr, "tcp_rr": rr, "udp_rr": udp,
+                "programming_p50_ms": programming}));
         }
     }
     fs::create_dir_all(&args.out)?;
@@ -190,7 +213,10 @@ fn bed(agent_binary: &Path, mode: Mode, services: &[BenchService]) -> anyhow::Re
         Mode::NoNat => target = SocketAddr::new(IpAddr::V4(backend_ip(1)), BACKEND_PORT),
         Mode::NodeAgent => {
             let dir = tempfile::tempdir()?;
-            write(dir.path(), "services.yaml", &manifest_list(services))?;
+            // The measured Service in a file of its own: a change to it re-reads only that.
+            let (fillers, measured) = split(services);
+            write(dir.path(), "services.yaml", &manifest_list(&fillers))?;
+            write(dir.path(), MEASURED_FILE, &manifest_list(&measured))?;
             let flags = [
                 "--cluster-cidr",
                 CLUSTER_CIDR,
@@ -206,22 +232,14 @@ fn bed(agent_binary: &Path, mode: Mode, services: &[BenchService]) -> anyhow::Re
             )?);
             manifests = Some(dir);
         }
-        Mode::IptablesLegacy => restore(
-            &topology,
-            "iptables-legacy-restore",
-            &iptables_restore(services, CLUSTER_CIDR),
-        )?,
-        Mode::IptablesNft => restore(
-            &topology,
-            "iptables-nft-restore",
-            &iptables_restore(services, CLUSTER_CIDR),
-        )?,
-        Mode::Nftables => restore(&topology, "nft", &nft_ruleset(services, CLUSTER_CIDR))?,
+        Mode::IptablesLegacy | Mode::IptablesNft | Mode::Nftables => {
+            full_sync(&topology, mode, services)?;
+        }
     }
     Ok(Bed {
         mode,
-        _agent: agent,
-        _manifests: manifests,
+        agent,
+        manifests,
         _servers: servers,
         topology,
         target,
@@ -231,9 +249,130 @@ fn bed(agent_binary: &Path, mode: Mode, services: &[BenchService]) -> anyhow::Re
     })
 }
 
+/// The measured Service's own manifest file in node-agent's directory.
+const MEASURED_FILE: &str = "measured.yaml";
+
+/// The fillers, and the measured Service's ports.
+fn split(services: &[BenchService]) -> (Vec<BenchService>, Vec<BenchService>) {
+    services
+        .iter()
+        .cloned()
+        .partition(|s| s.cluster_ip != MEASURED.0)
+}
+
+/// kube-proxy's full sync of `services` in `mode`.
+fn full_sync(topology: &Topology, mode: Mode, services: &[BenchService]) -> anyhow::Result<()> {
+    match mode {
+        Mode::IptablesLegacy => restore(
+            topology,
+            "iptables-legacy-restore",
+            &[],
+            &iptables_restore(services, CLUSTER_CIDR),
+        ),
+        Mode::IptablesNft => restore(
+            topology,
+            "iptables-nft-restore",
+            &[],
+            &iptables_restore(services, CLUSTER_CIDR),
+        ),
+        // One transaction that replaces the table, as kube-proxy's own full resync does.
+        Mode::Nftables => {
+            let replace = format!(
+                "table ip kube-proxy\ndelete table ip kube-proxy\n{}",
+                nft_ruleset(services, CLUSTER_CIDR)
+            );
+            restore(topology, "nft", &["-f", "-"], &replace)
+        }
+        Mode::NoNat | Mode::NodeAgent => Ok(()),
+    }
+}
+
+/// kube-proxy's partial sync of the `changed` Services in `mode`.
+fn partial_sync(topology: &Topology, mode: Mode, changed: &[BenchService]) -> anyhow::Result<()> {
+    match mode {
+        Mode::IptablesLegacy => restore(
+            topology,
+            "iptables-legacy-restore",
+            &["--noflush"],
+            &iptables_restore_partial(changed, CLUSTER_CIDR),
+        ),
+        Mode::IptablesNft => restore(
+            topology,
+            "iptables-nft-restore",
+            &["--noflush"],
+            &iptables_restore_partial(changed, CLUSTER_CIDR),
+        ),
+        Mode::Nftables => restore(
+            topology,
+            "nft",
+            &["-f", "-"],
+            &nft_update(changed, CLUSTER_CIDR),
+        ),
+        Mode::NoNat | Mode::NodeAgent => Ok(()),
+    }
+}
+
+/// One endpoint of the measured Service taken away and given back, `times` times: how long
+/// until the datapath has the change. kube-proxy's modes are timed as a partial sync each time
+/// and as a full sync once (it takes minutes at 10k Services with iptables-nft).
+fn programming(
+    bed: &Bed,
+    services: &[BenchService],
+    times: usize,
+) -> anyhow::Result<Vec<(&'static str, Duration)>> {
+    let (fillers, measured) = split(services);
+    let mut timings = Vec::new();
+    for i in 0..times {
+        let variant: Vec<BenchService> = measured
+            .iter()
+            .map(|s| BenchService {
+                endpoints: if i % 2 == 0 {
+                    s.endpoints[..1].to_vec()
+                } else {
+                    s.endpoints.clone()
+                },
+                ..s.clone()
+            })
+            .collect();
+        match (&bed.agent, &bed.manifests) {
+            (Some(agent), Some(dir)) => {
+                let map = PinnedMap::open(&agent.bpffs().join(SERVICES_MAP))?;
+                let key = ServiceKey::new(MEASURED.0, MEASURED.1, PROTO_TCP, SCOPE_EXTERNAL, 0);
+                let want = variant[0].endpoints.len() as u16;
+                let start = Instant::now();
+                write(dir.path(), MEASURED_FILE, &manifest_list(&variant))?;
+                while !map
+                    .get::<_, ServiceValue>(&key)
+                    .is_some_and(|v| v.count == want)
+                {
+                    if start.elapsed() > Duration::from_secs(10) {
+                        bail!("node-agent did not program the change within 10 s");
+                    }
+                }
+                timings.push(("manifest change", start.elapsed()));
+            }
+            _ if bed.mode == Mode::NoNat => {}
+            _ => {
+                if i == 0 {
+                    let start = Instant::now();
+                    full_sync(
+                        &bed.topology,
+                        bed.mode,
+                        &[fillers.clone(), variant.clone()].concat(),
+                    )?;
+                    timings.push(("full sync", start.elapsed()));
+                }
+                let start = Instant::now();
+                partial_sync(&bed.topology, bed.mode, &variant)?;
+                timings.push(("partial sync", start.elapsed()));
+            }
+        }
+    }
+    Ok(timings)
+}
+
 /// Feeds `rules` to `tool` (a restore command, or nft) inside the node namespace.
-fn restore(topology: &Topology, tool: &str, rules: &str) -> anyhow::Result<()> {
-    let args: &[&str] = if tool == "nft" { &["-f", "-"] } else { &[] };
+fn restore(topology: &Topology, tool: &str, args: &[&str], rules: &str) -> anyhow::Result<()> {
     let mut child = Command::new("ip")
         .args(["netns", "exec", topology.node.name(), tool])
         .args(args)
