@@ -341,9 +341,9 @@ fn programming(
                 let want = variant[0].endpoints.len() as u16;
                 let start = Instant::now();
                 write(dir.path(), MEASURED_FILE, &manifest_list(&variant))?;
-                while !map
+                while map
                     .get::<_, ServiceValue>(&key)
-                    .is_some_and(|v| v.count == want)
+                    .is_none_or(|v| v.count != want)
                 {
                     if start.elapsed() > Duration::from_secs(10) {
                         bail!("node-agent did not program the change within 10 s");
