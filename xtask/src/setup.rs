@@ -23,7 +23,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn run() -> anyhow::Result<()> {
     apt_packages()?;
-    nightly_rust_src()?;
+    ebpf_toolchain()?;
     bpf_linker()
 }
 
@@ -52,27 +52,22 @@ fn apt_packages() -> anyhow::Result<()> {
     )
 }
 
-fn nightly_rust_src() -> anyhow::Result<()> {
-    let installed = output(
-        "rustup",
-        &["component", "list", "--installed", "--toolchain", "nightly"],
-    )
-    .unwrap_or_default();
+/// The eBPF crate's pinned nightly with rust-src. Installing a dated toolchain never updates
+/// another one (a plain `nightly` update would bring an LLVM bpf-linker cannot read).
+fn ebpf_toolchain() -> anyhow::Result<()> {
+    let file = crate::workspace_root().join("node-ebpf/rust-toolchain.toml");
+    let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let channel = text
+        .lines()
+        .find_map(|l| l.strip_prefix("channel = "))
+        .map(|c| c.trim_matches('"'))
+        .with_context(|| format!("{} names no channel", file.display()))?;
+    let installed = output("rustup", &["component", "list", "--installed", "--toolchain", channel]).unwrap_or_default();
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         return Ok(());
     }
-    say(
-        "installing the nightly toolchain's rust-src (the eBPF crate builds core with -Z build-std)",
-    );
-    exec(Command::new("rustup").args([
-        "toolchain",
-        "install",
-        "nightly",
-        "--profile",
-        "minimal",
-        "--component",
-        "rust-src",
-    ]))
+    say(&format!("installing the eBPF crate's toolchain {channel} with rust-src (-Z build-std)"));
+    exec(Command::new("rustup").args(["toolchain", "install", channel, "--profile", "minimal", "--component", "rust-src"]))
 }
 
 fn bpf_linker() -> anyhow::Result<()> {
