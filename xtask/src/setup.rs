@@ -52,22 +52,40 @@ fn apt_packages() -> anyhow::Result<()> {
     )
 }
 
-/// The eBPF crate's pinned nightly with rust-src. Installing a dated toolchain never updates
+/// The eBPF crate's pinned nightly with its components. Installing a dated toolchain never updates
 /// another one (a plain `nightly` update would bring an LLVM bpf-linker cannot read).
 fn ebpf_toolchain() -> anyhow::Result<()> {
     let file = crate::workspace_root().join("node-ebpf/rust-toolchain.toml");
-    let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
     let channel = text
         .lines()
         .find_map(|l| l.strip_prefix("channel = "))
         .map(|c| c.trim_matches('"'))
         .with_context(|| format!("{} names no channel", file.display()))?;
-    let installed = output("rustup", &["component", "list", "--installed", "--toolchain", channel]).unwrap_or_default();
-    if installed.lines().any(|l| l.starts_with("rust-src")) {
+    // rust-src for -Z build-std, clippy to lint the eBPF crate.
+    let components = ["rust-src", "clippy"];
+    let installed = output(
+        "rustup",
+        &["component", "list", "--installed", "--toolchain", channel],
+    )
+    .unwrap_or_default();
+    if components
+        .iter()
+        .all(|c| installed.lines().any(|l| l.starts_with(c)))
+    {
         return Ok(());
     }
-    say(&format!("installing the eBPF crate's toolchain {channel} with rust-src (-Z build-std)"));
-    exec(Command::new("rustup").args(["toolchain", "install", channel, "--profile", "minimal", "--component", "rust-src"]))
+    say(&format!(
+        "installing the eBPF crate's toolchain {channel} with {}",
+        components.join(", ")
+    ));
+    let mut install = Command::new("rustup");
+    install.args(["toolchain", "install", channel, "--profile", "minimal"]);
+    for c in components {
+        install.args(["--component", c]);
+    }
+    exec(&mut install)
 }
 
 fn bpf_linker() -> anyhow::Result<()> {
