@@ -4,7 +4,6 @@ use std::{
     fs, io,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
@@ -86,7 +85,6 @@ pub struct TestRunOutput {
     pub packet: Vec<u8>,
     /// The skb mark the program left.
     pub mark: u32,
-    pub duration: Duration,
 }
 
 /// BPF_PROG_TEST_RUN's context is a `struct __sk_buff`: the mark is its third u32; the
@@ -203,7 +201,6 @@ impl Datapath {
             action: result.return_value as i32,
             packet: out,
             mark: ctx_out[SKB_MARK_WORD],
-            duration: result.duration,
         })
     }
 }

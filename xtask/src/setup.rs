@@ -52,39 +52,17 @@ fn apt_packages() -> anyhow::Result<()> {
     )
 }
 
-/// The eBPF crate's pinned nightly with its components. Installing a dated toolchain never updates
-/// another one (a plain `nightly` update would bring an LLVM bpf-linker cannot read).
+/// The eBPF crate's pinned nightly and its components, as node-ebpf/rust-toolchain.toml
+/// names them: rustup reads that file in node-ebpf and installs only what is missing. A dated
+/// toolchain never updates another (a plain `nightly` update brings an LLVM bpf-linker
+/// cannot read).
 fn ebpf_toolchain() -> anyhow::Result<()> {
-    let file = crate::workspace_root().join("node-ebpf/rust-toolchain.toml");
-    let text =
-        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-    let channel = text
-        .lines()
-        .find_map(|l| l.strip_prefix("channel = "))
-        .map(|c| c.trim_matches('"'))
-        .with_context(|| format!("{} names no channel", file.display()))?;
-    // rust-src for -Z build-std, clippy to lint the eBPF crate.
-    let components = ["rust-src", "clippy"];
-    let installed = output(
-        "rustup",
-        &["component", "list", "--installed", "--toolchain", channel],
-    )
-    .unwrap_or_default();
-    if components
-        .iter()
-        .all(|c| installed.lines().any(|l| l.starts_with(c)))
-    {
-        return Ok(());
-    }
-    say(&format!(
-        "installing the eBPF crate's toolchain {channel} with {}",
-        components.join(", ")
-    ));
     let mut install = Command::new("rustup");
-    install.args(["toolchain", "install", channel, "--profile", "minimal"]);
-    for c in components {
-        install.args(["--component", c]);
-    }
+    install
+        .args(["toolchain", "install"])
+        .current_dir(crate::workspace_root().join("node-ebpf"))
+        // Set for us by cargo's rustup proxy; it would override the toolchain file.
+        .env_remove("RUSTUP_TOOLCHAIN");
     exec(&mut install)
 }
 
