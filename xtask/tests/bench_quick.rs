@@ -1,8 +1,16 @@
-//! `cargo xtask bench --quick` end to end: every mode at every scale produced sane figures.
-//! This checks the harness, never a speed.
+//! `cargo xtask bench --quick` end to end: every mode at every scale produced sane figures,
+//! and the plot was drawn. This checks the harness, never a speed.
 use std::process::Command;
 
 use serde_json::Value;
+
+const MODES: [&str; 5] = [
+    "no-nat",
+    "node-agent",
+    "iptables-legacy",
+    "iptables-nft",
+    "nftables",
+];
 
 #[test]
 fn quick_bench_measures_every_mode() {
@@ -16,45 +24,94 @@ fn quick_bench_measures_every_mode() {
     let report: Value =
         serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json")).unwrap())
             .unwrap();
+    assert_eq!(report["skipped"], serde_json::json!([]));
     let results = report["results"].as_array().unwrap();
-    let modes = [
-        "no-nat",
-        "node-agent",
-        "iptables-legacy",
-        "iptables-nft",
-        "nftables",
-    ];
     for scale in [1, 100] {
-        for mode in modes {
+        for mode in MODES {
             let row = results
                 .iter()
                 .find(|r| r["services"] == scale && r["mode"] == mode)
                 .unwrap_or_else(|| panic!("no result for {mode} at {scale}"));
-            for figure in ["tcp_crr", "tcp_rr", "udp_rr"] {
-                let f = &row[figure];
-                let (p50, p99, rate) = (
-                    f["p50"].as_f64().unwrap(),
-                    f["p99"].as_f64().unwrap(),
-                    f["rate"].as_f64().unwrap(),
-                );
-                assert!(
-                    p50 > 0.0 && p99 >= p50 && rate > 0.0,
-                    "{mode} {scale} {figure}: {f}"
-                );
-                assert_eq!(f["samples"], 200, "{mode} {scale} {figure}");
-            }
-            let programming = row["programming_p50_ms"].as_object().unwrap();
-            let kinds: Vec<&str> = programming.keys().map(String::as_str).collect();
-            let want: &[&str] = match mode {
-                "no-nat" => &[],
-                "node-agent" => &["manifest change"],
-                _ => &["full sync", "partial sync"],
-            };
-            assert_eq!(kinds, want, "{mode} {scale}");
-            assert!(
-                programming.values().all(|v| v.as_f64().unwrap() > 0.0),
-                "{mode} {scale}: {programming:?}"
-            );
+            check_row(row, mode, scale);
         }
+    }
+    let svg = std::fs::read_to_string(out.path().join("bench.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
+        "not an SVG: {}",
+        &svg[..svg.len().min(200)]
+    );
+    for mode in MODES {
+        assert!(svg.contains(mode), "{mode} missing from the plot's legend");
+    }
+}
+
+fn check_row(row: &Value, mode: &str, scale: u64) {
+    let at = format!("{mode} at {scale}");
+    for figure in ["tcp_crr", "tcp_rr", "udp_rr"] {
+        let f = &row[figure];
+        let (p50, p99, rate) = (
+            f["p50"].as_f64().unwrap(),
+            f["p99"].as_f64().unwrap(),
+            f["rate"].as_f64().unwrap(),
+        );
+        assert!(p50 > 0.0 && p99 >= p50 && rate > 0.0, "{at} {figure}: {f}");
+        // Two measured rounds of 100: the warm-up round is not counted.
+        assert_eq!(f["samples"], 200, "{at} {figure}");
+    }
+    let programming = row["programming_p50_ms"].as_object().unwrap();
+    let kinds: Vec<&str> = programming.keys().map(String::as_str).collect();
+    let want: &[&str] = match mode {
+        "no-nat" => &[],
+        "node-agent" => &["manifest change"],
+        _ => &["partial sync"],
+    };
+    assert_eq!(kinds, want, "{at}");
+    assert!(
+        programming.values().all(|v| v.as_f64().unwrap() > 0.0),
+        "{at}: {programming:?}"
+    );
+    let full_sync = row["full_sync_ms"].as_f64();
+    if mode == "no-nat" {
+        assert_eq!(full_sync, None, "{at}");
+        assert!(row["agent"].is_null(), "{at}");
+        return;
+    }
+    // Sane: positive and under the agent's own 30 s start timeout.
+    assert!(
+        full_sync.is_some_and(|ms| ms > 0.0 && ms < 30_000.0),
+        "{at}: full sync {full_sync:?}"
+    );
+    let agent = &row["agent"];
+    if mode != "node-agent" {
+        assert!(agent.is_null(), "{at}");
+        return;
+    }
+    let logged = agent["logged_sync_ms"].as_f64().unwrap();
+    assert!(
+        logged > 0.0 && logged <= full_sync.unwrap(),
+        "{at}: the agent's own sync ({logged} ms) is part of its startup ({full_sync:?} ms)"
+    );
+    for when in ["rss_after_sync", "rss_after_run"] {
+        let (rss, hwm) = (
+            agent[when]["vm_rss_kb"].as_u64().unwrap(),
+            agent[when]["vm_hwm_kb"].as_u64().unwrap(),
+        );
+        assert!(rss > 1000 && hwm >= rss, "{at} {when}: {}", agent[when]);
+    }
+    let maps = agent["map_memlock_bytes"].as_object().unwrap();
+    assert!(maps.len() >= 5, "{at}: {maps:?}");
+    // An empty LPM trie (SOURCE_RANGES) is charged nothing: only the total must be positive.
+    let total: u64 = maps.values().map(|b| b.as_u64().unwrap()).sum();
+    assert!(total > 0, "{at}: {maps:?}");
+    assert_eq!(agent["map_memlock_total_bytes"], total, "{at}");
+    let packets = agent["packet_cost_ns"].as_object().unwrap();
+    let kinds: Vec<&str> = packets.keys().map(String::as_str).collect();
+    assert_eq!(kinds, ["established", "new flow", "unrelated"], "{at}");
+    for (kind, p) in packets {
+        let (p50, p99) = (p["p50"].as_f64().unwrap(), p["p99"].as_f64().unwrap());
+        // Nanoseconds of one program run: more than nothing, far less than a millisecond.
+        assert!(p50 > 0.0 && p99 >= p50 && p50 < 1e6, "{at} {kind}: {p}");
+        assert_eq!(p["samples"], 500, "{at} {kind}");
     }
 }

@@ -120,46 +120,75 @@ fn service_chains(svc: &BenchService, cluster_cidr: &str, chains: &mut String, r
     }
 }
 
-/// The `ip kube-proxy` table as `nft -f` input: kube-proxy's full sync.
+/// kube-proxy's nftables table.
+const NFT_TABLE: &str = "ip kube-proxy";
+
+/// kube-proxy's full sync as the one `nft -f` transaction it sends (knftables writes one command a
+/// line): the table, chains and map are added if missing and flushed, never deleted, then
+/// written whole. Each service chain's `numgen ... vmap { ... }` is an anonymous map: the
+/// kernel names each new one by walking every set of the table, so a cold start grows
+/// super-linearly with Services (kubernetes/kubernetes#139513), as kube-proxy's own does.
 pub fn nft_ruleset(services: &[BenchService], cluster_cidr: &str) -> String {
-    let mut out = String::from("table ip kube-proxy {\n");
-    out.push_str("  map service-ips { type ipv4_addr . inet_proto . inet_service : verdict; }\n");
-    out.push_str("  chain mark-for-masquerade { mark set mark or 0x4000; }\n");
-    out.push_str(
-        "  chain masquerading {\n    type nat hook postrouting priority srcnat; policy accept;\n",
+    let t = NFT_TABLE;
+    let mut out = format!("add table {t} {{ comment \"rules for kube-proxy\" ; }}\n");
+    for (chain, hook) in [
+        (
+            "nat-prerouting",
+            "type nat hook prerouting priority dstnat ;",
+        ),
+        // nft 1.0 names dstnat only for prerouting: -100 is its value.
+        ("nat-output", "type nat hook output priority -100 ;"),
+        (
+            "nat-postrouting",
+            "type nat hook postrouting priority srcnat ;",
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "add chain {t} {chain} {{ {hook} }}\nflush chain {t} {chain}"
+        );
+    }
+    for (chain, from) in [
+        ("services", "nat-output"),
+        ("services", "nat-prerouting"),
+        ("masquerading", "nat-postrouting"),
+    ] {
+        let _ = writeln!(
+            out,
+            "add chain {t} {chain}\nflush chain {t} {chain}\nadd rule {t} {from} jump {chain}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "add chain {t} mark-for-masquerade\nflush chain {t} mark-for-masquerade"
     );
-    out.push_str("    mark and 0x4000 == 0 return\n    mark set mark xor 0x4000\n    masquerade fully-random\n  }\n");
-    out.push_str("  chain services { ip daddr . meta l4proto . th dport vmap @service-ips; }\n");
-    out.push_str("  chain nat-prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n    jump services\n  }\n");
-    let mut elements = Vec::new();
+    let _ = writeln!(
+        out,
+        "add rule {t} mark-for-masquerade mark set mark or 0x4000"
+    );
+    for rule in [
+        "mark and 0x4000 == 0 return",
+        "mark set mark xor 0x4000",
+        "masquerade fully-random",
+    ] {
+        let _ = writeln!(out, "add rule {t} masquerading {rule}");
+    }
+    let _ = writeln!(
+        out,
+        "add map {t} service-ips {{ type ipv4_addr . inet_proto . inet_service : verdict ; }}"
+    );
+    let _ = writeln!(
+        out,
+        "add rule {t} services ip daddr . meta l4proto . th dport vmap @service-ips"
+    );
+    let _ = writeln!(out, "flush map {t} service-ips");
     for svc in services {
         let chains = NftChains::of(svc);
-        for ((ip, ep_port), ep_chain) in svc.endpoints.iter().zip(&chains.endpoints) {
-            let _ = writeln!(
-                out,
-                "  chain {ep_chain} {{\n    ip saddr {ip} jump mark-for-masquerade\n    meta l4proto {} dnat to {ip}:{ep_port}\n  }}",
-                svc.proto
-            );
-        }
+        chains.write(svc, cluster_cidr, &mut out);
         let _ = writeln!(
             out,
-            "  chain {} {{\n{}  }}",
-            chains.service,
-            chains
-                .service_rules(svc, cluster_cidr)
-                .replace("RULE ", "    ")
-        );
-        elements.push(format!(
-            "{} . {} . {} : goto {}",
+            "add element {t} service-ips {{ {} . {} . {} : goto {} }}",
             svc.cluster_ip, svc.proto, svc.port, chains.service
-        ));
-    }
-    out.push_str("}\n");
-    if !elements.is_empty() {
-        let _ = writeln!(
-            out,
-            "add element ip kube-proxy service-ips {{ {} }}",
-            elements.join(", ")
         );
     }
     out
@@ -170,26 +199,7 @@ pub fn nft_ruleset(services: &[BenchService], cluster_cidr: &str) -> String {
 pub fn nft_update(changed: &[BenchService], cluster_cidr: &str) -> String {
     let mut out = String::new();
     for svc in changed {
-        let chains = NftChains::of(svc);
-        for ((ip, ep_port), ep_chain) in svc.endpoints.iter().zip(&chains.endpoints) {
-            let add = format!("add rule ip kube-proxy {ep_chain}");
-            let _ = writeln!(
-                out,
-                "add chain ip kube-proxy {ep_chain}\nflush chain ip kube-proxy {ep_chain}"
-            );
-            let _ = writeln!(
-                out,
-                "{add} ip saddr {ip} jump mark-for-masquerade\n{add} meta l4proto {} dnat to {ip}:{ep_port}",
-                svc.proto
-            );
-        }
-        let _ = writeln!(out, "flush chain ip kube-proxy {}", chains.service);
-        let prefix = format!("add rule ip kube-proxy {} ", chains.service);
-        out.push_str(
-            &chains
-                .service_rules(svc, cluster_cidr)
-                .replace("RULE ", &prefix),
-        );
+        NftChains::of(svc).write(svc, cluster_cidr, &mut out);
     }
     out
 }
@@ -222,20 +232,41 @@ impl NftChains {
         }
     }
 
-    /// The service chain's rules, one per line, each starting with "RULE ".
-    fn service_rules(&self, svc: &BenchService, cluster_cidr: &str) -> String {
+    /// The Service's endpoint chains and service chain, each added, flushed and filled (an
+    /// off-cluster source is marked for masquerade; an endpoint is picked at random).
+    fn write(&self, svc: &BenchService, cluster_cidr: &str, out: &mut String) {
+        let t = NFT_TABLE;
+        let proto = svc.proto;
+        for ((ip, ep_port), chain) in svc.endpoints.iter().zip(&self.endpoints) {
+            let _ = writeln!(out, "add chain {t} {chain}\nflush chain {t} {chain}");
+            let _ = writeln!(
+                out,
+                "add rule {t} {chain} ip saddr {ip} jump mark-for-masquerade"
+            );
+            let _ = writeln!(
+                out,
+                "add rule {t} {chain} meta l4proto {proto} dnat to {ip}:{ep_port}"
+            );
+        }
+        let chain = &self.service;
+        let _ = writeln!(out, "add chain {t} {chain}\nflush chain {t} {chain}");
+        let _ = writeln!(
+            out,
+            "add rule {t} {chain} ip daddr {} {proto} dport {} ip saddr != {cluster_cidr} jump mark-for-masquerade",
+            svc.cluster_ip, svc.port
+        );
         let vmap: Vec<String> = self
             .endpoints
             .iter()
             .enumerate()
             .map(|(i, c)| format!("{i} : goto {c}"))
             .collect();
-        format!(
-            "RULE ip daddr {} ip saddr != {cluster_cidr} jump mark-for-masquerade\nRULE numgen random mod {} vmap {{ {} }}\n",
-            svc.cluster_ip,
+        let _ = writeln!(
+            out,
+            "add rule {t} {chain} numgen random mod {} vmap {{ {} }}",
             vmap.len(),
-            vmap.join(", ")
-        )
+            vmap.join(" , ")
+        );
     }
 }
 
@@ -323,15 +354,64 @@ mod tests {
     #[test]
     fn nftables_layout_is_kube_proxys() {
         let rules = nft_ruleset(&[web()], "198.18.8.0/21");
-        assert!(
-            rules.contains(
-                "chain services { ip daddr . meta l4proto . th dport vmap @service-ips; }"
-            )
-        );
+        let lines: Vec<&str> = rules.lines().collect();
+        // Added and flushed, never deleted: what kube-proxy sends on every full sync.
+        assert!(lines[0].starts_with("add table ip kube-proxy"));
+        assert!(!rules.contains("delete "));
+        for want in [
+            "add rule ip kube-proxy services ip daddr . meta l4proto . th dport vmap @service-ips",
+            "flush map ip kube-proxy service-ips",
+            "add rule ip kube-proxy nat-prerouting jump services",
+        ] {
+            assert!(lines.contains(&want), "{want}");
+        }
+        let element = lines.iter().find(|l| l.starts_with("add element")).unwrap();
+        assert!(element.starts_with(
+            "add element ip kube-proxy service-ips { 198.19.0.10 . tcp . 80 : goto service-"
+        ));
+        // Every chain a rule or element names is added and flushed before it is filled.
+        for (i, line) in lines.iter().enumerate() {
+            for chain in line
+                .split_whitespace()
+                .filter(|w| w.starts_with("service-") || w.starts_with("endpoint-"))
+            {
+                if chain == "service-ips" {
+                    continue;
+                }
+                let added = lines
+                    .iter()
+                    .position(|l| *l == format!("add chain ip kube-proxy {chain}"));
+                let flushed = lines
+                    .iter()
+                    .position(|l| *l == format!("flush chain ip kube-proxy {chain}"));
+                assert!(
+                    added.is_some() && added < flushed,
+                    "{chain} not added then flushed"
+                );
+                if line.starts_with(&format!("add rule ip kube-proxy {chain} ")) {
+                    assert!(flushed < Some(i), "{chain} filled before its flush");
+                }
+            }
+        }
         assert!(rules.contains("numgen random mod 2 vmap { 0 : goto endpoint-"));
         assert!(rules.contains("meta l4proto tcp dnat to 198.18.11.2:8080"));
         assert!(rules.contains(
-            "add element ip kube-proxy service-ips { 198.19.0.10 . tcp . 80 : goto service-"
+            "ip daddr 198.19.0.10 tcp dport 80 ip saddr != 198.18.8.0/21 jump mark-for-masquerade"
         ));
+    }
+
+    #[test]
+    fn nftables_partial_sync_rewrites_only_the_service_chains() {
+        let rules = nft_update(&[web()], "198.18.8.0/21");
+        assert!(!rules.contains("service-ips"), "the map is left alone");
+        assert_eq!(
+            rules
+                .lines()
+                .filter(|l| l.starts_with("flush chain"))
+                .count(),
+            3
+        );
+        let full = nft_ruleset(&[web()], "198.18.8.0/21");
+        assert!(full.contains(&rules), "the same chains as a full sync");
     }
 }

@@ -1,32 +1,44 @@
 //! `cargo xtask bench`: node-agent against kube-proxy's iptables (legacy and nf_tables
 //! backends) and nftables modes, and a no-NAT floor, in namespaces this run creates.
+mod bpf;
+mod footprint;
+mod frame;
 mod kube_proxy;
-mod pinned;
+mod manifests;
+mod plot;
+mod report;
+mod stats;
 
 use std::{
     collections::BTreeMap,
+    fmt::Display,
     fs,
     io::{BufRead as _, BufReader, Write as _},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
+use bpf::{PinnedMap, Program};
+use footprint::Rss;
 use kube_proxy::{
     BenchService, iptables_restore, iptables_restore_partial, nft_ruleset, nft_update,
 };
+use manifests::{filler_files, manifest_list};
 use node_agent_tests::{
     agent::Agent,
     backend::BackendServer,
     client::{Connection, UdpFlow},
-    manifest::{write, yaml},
-    topology::{Topology, backend_ip},
+    manifest::write,
+    netns::Netns,
+    topology::{CLIENT_IP, NODE_CLIENT_DEVICE, Topology, backend_ip},
 };
 use node_common::{PROTO_TCP, SCOPE_EXTERNAL, SERVICES_MAP, ServiceKey, ServiceValue};
-use pinned::PinnedMap;
-use serde_json::{Value, json};
+use report::{AgentFigures, Row};
+use serde_json::json;
+use stats::{Percentiles, percentiles, summary};
 
 const CLUSTER_CIDR: &str = "198.18.8.0/21";
 const BACKEND_PORT: u16 = 8080;
@@ -42,9 +54,13 @@ pub struct BenchArgs {
     /// Service counts to measure.
     #[arg(long, value_delimiter = ',', default_value = "1,1000,10000,100000")]
     services: Vec<usize>,
-    /// Where report.json goes.
+    /// Where report.json and bench.svg go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+    /// Above this many Services the nftables mode is skipped: its cold start grows
+    /// super-linearly in the kernel (22 s at 10k, 8.5 min at 30k on kernel 6.18; hours at 100k).
+    #[arg(long, default_value_t = 30_000)]
+    nftables_max_services: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,41 +100,99 @@ struct Bed {
     _servers: Vec<BackendServer>,
     topology: Topology,
     target: SocketAddr,
+    /// Until every Service was in the datapath; None for the no-NAT floor.
+    full_sync: Option<Duration>,
+    /// node-agent's logged first sync and memory right after it.
+    agent_sync: Option<(Duration, Rss)>,
     crr: Vec<Duration>,
     rr: Vec<Duration>,
     udp: Vec<Duration>,
 }
 
+/// How much of everything one run measures.
+struct Plan {
+    scales: Vec<usize>,
+    /// Measured rounds per scale, after one warm-up round.
+    rounds: usize,
+    /// Connections, round trips or datagrams per mode and round.
+    per_round: usize,
+    /// Programming changes per mode and scale.
+    changes: usize,
+    /// BPF_PROG_TEST_RUN calls per kind of packet.
+    packets: usize,
+}
+
+/// Says what the run is doing, with the time since it started.
+struct Progress(Instant);
+
+impl Progress {
+    fn say(&self, what: impl Display) {
+        eprintln!("bench [{:>7.1} s] {what}", self.0.elapsed().as_secs_f64());
+    }
+}
+
 pub fn run(agent_binary: &Path, args: BenchArgs) -> anyhow::Result<()> {
-    let (scales, rounds, per_round) = if args.quick {
-        (vec![1, 100], 2, 100)
+    let plan = if args.quick {
+        Plan {
+            scales: vec![1, 100],
+            rounds: 2,
+            per_round: 100,
+            changes: 2,
+            packets: 500,
+        }
     } else {
-        (args.services, 5, 1000)
+        Plan {
+            scales: args.services,
+            rounds: 5,
+            per_round: 1000,
+            changes: 6,
+            packets: 5000,
+        }
     };
-    let mut report = Vec::new();
-    println!(
-        "{:>8}  {:<16} {:>11} {:>11} {:>8} {:>10} {:>10} {:>11} {:>11}",
-        "services",
-        "mode",
-        "CRR p50 µs",
-        "CRR p99 µs",
-        "conn/s",
-        "RR p50 µs",
-        "RR p99 µs",
-        "UDP p50 µs",
-        "UDP p99 µs"
-    );
-    for &scale in &scales {
+    let progress = Progress(Instant::now());
+    let (mut rows, mut skipped) = (Vec::new(), Vec::new());
+    println!("{}\n{}", report::HEADER, report::UNITS);
+    for &scale in &plan.scales {
         let services = services(scale);
-        let mut beds = Mode::ALL
-            .iter()
-            .map(|&mode| bed(agent_binary, mode, &services))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        // Interleaved rounds: a noisy moment hits every mode alike.
-        for round in 0..rounds {
-            eprintln!("bench: {scale} services, round {}/{rounds}", round + 1);
+        let mut beds = Vec::new();
+        for mode in Mode::ALL {
+            if let Some(reason) = skip(mode, scale, args.nftables_max_services) {
+                progress.say(format_args!(
+                    "{scale} services, {}: skipped, {reason}",
+                    mode.name()
+                ));
+                skipped.push(json!({"services": scale, "mode": mode.name(), "reason": reason}));
+                continue;
+            }
+            progress.say(format_args!(
+                "{scale} services, {}: setting up",
+                mode.name()
+            ));
+            let bed = bed(agent_binary, mode, &services)?;
+            if let Some(took) = bed.full_sync {
+                progress.say(format_args!(
+                    "{scale} services, {}: full sync took {:.3} s",
+                    mode.name(),
+                    took.as_secs_f64()
+                ));
+            }
+            beds.push(bed);
+        }
+        // Interleaved rounds: a noisy moment hits every mode alike. Round 0 warms up caches,
+        // conntrack and the backends, and is thrown away.
+        for round in 0..=plan.rounds {
             for bed in &mut beds {
+                progress.say(format_args!(
+                    "{scale} services, {}: {}",
+                    bed.mode.name(),
+                    if round == 0 {
+                        "warm-up round".to_owned()
+                    } else {
+                        format!("round {round}/{}", plan.rounds)
+                    }
+                ));
                 let target = bed.target;
+                let per_round = plan.per_round;
                 let batch = bed.topology.client.run(move || -> anyhow::Result<_> {
                     Ok((
                         crr(target, per_round)?,
@@ -127,52 +201,87 @@ pub fn run(agent_binary: &Path, args: BenchArgs) -> anyhow::Result<()> {
                     ))
                 })?;
                 let (crr, rr, udp) = batch.with_context(|| format!("mode {}", bed.mode.name()))?;
-                bed.crr.extend(crr);
-                bed.rr.extend(rr);
-                bed.udp.extend(udp);
+                if round > 0 {
+                    bed.crr.extend(crr);
+                    bed.rr.extend(rr);
+                    bed.udp.extend(udp);
+                }
             }
         }
         for bed in &beds {
-            let timings = programming(bed, &services, if args.quick { 2 } else { 6 })?;
-            let programming: BTreeMap<&str, f64> = ["manifest change", "full sync", "partial sync"]
-                .into_iter()
-                .filter_map(|kind| {
-                    let samples: Vec<Duration> = timings
-                        .iter()
-                        .filter(|(k, _)| *k == kind)
-                        .map(|(_, d)| *d)
-                        .collect();
-                    (!samples.is_empty()).then(|| (kind, summary(&samples).p50 / 1000.0))
-                })
-                .collect();
-            eprintln!(
-                "bench: {scale} services, {}: programming p50 (ms) {programming:?}",
+            progress.say(format_args!(
+                "{scale} services, {}: programming latency",
                 bed.mode.name()
-            );
-            let (crr, rr, udp) = (summary(&bed.crr), summary(&bed.rr), summary(&bed.udp));
-            println!(
-                "{scale:>8}  {:<16} {:>11.1} {:>11.1} {:>8.0} {:>10.1} {:>10.1} {:>11.1} {:>11.1}",
-                bed.mode.name(),
-                crr.p50,
-                crr.p99,
-                crr.rate,
-                rr.p50,
-                rr.p99,
-                udp.p50,
-                udp.p99
-            );
-            report.push(json!({"services": scale, "mode": bed.mode.name(), "tcp_crr": crr, "tcp_rr": rr, "udp_rr": udp,
-                "programming_p50_ms": programming}));
+            ));
+            let timings = programming(bed, &services, plan.changes)?;
+            let agent = match (&bed.agent, bed.agent_sync) {
+                (Some(agent), Some((logged, rss_after_sync))) => {
+                    progress.say(format_args!(
+                        "{scale} services, {}: per-packet cost",
+                        bed.mode.name()
+                    ));
+                    let map_memlock_bytes = footprint::map_memory(agent.bpffs())?;
+                    Some(AgentFigures {
+                        logged_sync_ms: logged.as_secs_f64() * 1e3,
+                        rss_after_sync,
+                        map_memlock_total_bytes: map_memlock_bytes.values().sum(),
+                        map_memlock_bytes,
+                        packet_cost_ns: packet_cost(&bed.topology.node, plan.packets)?,
+                        rss_after_run: footprint::rss(agent.pid())?,
+                    })
+                }
+                _ => None,
+            };
+            let row = Row {
+                services: scale,
+                mode: bed.mode.name(),
+                tcp_crr: summary(&bed.crr),
+                tcp_rr: summary(&bed.rr),
+                udp_rr: summary(&bed.udp),
+                programming_p50_ms: programming_p50_ms(&timings),
+                full_sync_ms: bed.full_sync.map(|d| d.as_secs_f64() * 1e3),
+                agent,
+            };
+            println!("{}", report::table_row(&row));
+            rows.push(row);
         }
+        progress.say(format_args!("{scale} services: done, cleaning up"));
     }
     fs::create_dir_all(&args.out)?;
     let path = args.out.join("report.json");
     fs::write(
         &path,
-        serde_json::to_string_pretty(&json!({"results": report}))?,
+        serde_json::to_string_pretty(&json!({"results": rows, "skipped": skipped}))?,
     )?;
-    println!("report: {}", path.display());
+    let svg = args.out.join("bench.svg");
+    plot::draw(&rows, &svg)?;
+    println!("report: {}\nplot: {}", path.display(), svg.display());
     Ok(())
+}
+
+/// Why `mode` is left out at `scale`, if it is.
+fn skip(mode: Mode, scale: usize, nftables_max: usize) -> Option<String> {
+    (mode == Mode::Nftables && scale > nftables_max).then(|| {
+        format!(
+            "its cold-start sync takes hours above {nftables_max} Services \
+             (one anonymous vmap per Service; --nftables-max-services raises the limit)"
+        )
+    })
+}
+
+/// The p50 of each kind of programming timing, ms.
+fn programming_p50_ms(timings: &[(&'static str, Duration)]) -> BTreeMap<&'static str, f64> {
+    let mut by_kind: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for (kind, took) in timings {
+        by_kind
+            .entry(kind)
+            .or_default()
+            .push(took.as_secs_f64() * 1e3);
+    }
+    by_kind
+        .into_iter()
+        .map(|(kind, ms)| (kind, percentiles(&ms).p50))
+        .collect()
 }
 
 /// `count` Services: fillers with two fake endpoints, then the measured one with the real
@@ -209,13 +318,16 @@ fn bed(agent_binary: &Path, mode: Mode, services: &[BenchService]) -> anyhow::Re
     let servers = topology.start_backends(BACKEND_PORT)?;
     let vip = SocketAddr::new(IpAddr::V4(MEASURED.0), MEASURED.1);
     let (mut agent, mut manifests, mut target) = (None, None, vip);
+    let (mut full_sync_took, mut agent_sync) = (None, None);
     match mode {
         Mode::NoNat => target = SocketAddr::new(IpAddr::V4(backend_ip(1)), BACKEND_PORT),
         Mode::NodeAgent => {
             let dir = tempfile::tempdir()?;
             // The measured Service in a file of its own: a change to it re-reads only that.
             let (fillers, measured) = split(services);
-            write(dir.path(), "services.yaml", &manifest_list(&fillers))?;
+            for (name, text) in filler_files(&fillers) {
+                write(dir.path(), &name, &text)?;
+            }
             write(dir.path(), MEASURED_FILE, &manifest_list(&measured))?;
             let flags = [
                 "--cluster-cidr",
@@ -223,17 +335,30 @@ fn bed(agent_binary: &Path, mode: Mode, services: &[BenchService]) -> anyhow::Re
                 "--service-cidr",
                 "198.19.0.0/16",
             ];
-            agent = Some(Agent::start(
+            let started = Agent::start(
                 agent_binary,
                 &topology.node,
                 dir.path(),
                 &topology.node_devices(),
                 &flags,
-            )?);
+            )?;
+            full_sync_took = Some(started.synced_after());
+            let line = started
+                .wait_for_log(&[" synced"], Duration::from_secs(5))
+                .context("node-agent logged no \"synced\" line")?;
+            let logged = footprint::logged_sync_us(&[line])
+                .context("no elapsed_us in node-agent's \"synced\" line")?;
+            agent_sync = Some((
+                Duration::from_micros(logged),
+                footprint::rss(started.pid())?,
+            ));
+            agent = Some(started);
             manifests = Some(dir);
         }
         Mode::IptablesLegacy | Mode::IptablesNft | Mode::Nftables => {
+            let start = Instant::now();
             full_sync(&topology, mode, services)?;
+            full_sync_took = Some(start.elapsed());
         }
     }
     Ok(Bed {
@@ -243,6 +368,8 @@ fn bed(agent_binary: &Path, mode: Mode, services: &[BenchService]) -> anyhow::Re
         _servers: servers,
         topology,
         target,
+        full_sync: full_sync_took,
+        agent_sync,
         crr: Vec::new(),
         rr: Vec::new(),
         udp: Vec::new(),
@@ -275,14 +402,12 @@ fn full_sync(topology: &Topology, mode: Mode, services: &[BenchService]) -> anyh
             &[],
             &iptables_restore(services, CLUSTER_CIDR),
         ),
-        // One transaction that replaces the table, as kube-proxy's own full resync does.
-        Mode::Nftables => {
-            let replace = format!(
-                "table ip kube-proxy\ndelete table ip kube-proxy\n{}",
-                nft_ruleset(services, CLUSTER_CIDR)
-            );
-            restore(topology, "nft", &["-f", "-"], &replace)
-        }
+        Mode::Nftables => restore(
+            topology,
+            "nft",
+            &["-f", "-"],
+            &nft_ruleset(services, CLUSTER_CIDR),
+        ),
         Mode::NoNat | Mode::NodeAgent => Ok(()),
     }
 }
@@ -313,14 +438,14 @@ fn partial_sync(topology: &Topology, mode: Mode, changed: &[BenchService]) -> an
 }
 
 /// One endpoint of the measured Service taken away and given back, `times` times: how long
-/// until the datapath has the change. kube-proxy's modes are timed as a partial sync each time
-/// and as a full sync once (it takes minutes at 10k Services with iptables-nft).
+/// until the datapath has the change — node-agent from the manifest write until its map entry
+/// changed, kube-proxy's modes as a partial sync each time (their full sync is the cold start).
 fn programming(
     bed: &Bed,
     services: &[BenchService],
     times: usize,
 ) -> anyhow::Result<Vec<(&'static str, Duration)>> {
-    let (fillers, measured) = split(services);
+    let (_, measured) = split(services);
     let mut timings = Vec::new();
     for i in 0..times {
         let variant: Vec<BenchService> = measured
@@ -353,15 +478,6 @@ fn programming(
             }
             _ if bed.mode == Mode::NoNat => {}
             _ => {
-                if i == 0 {
-                    let start = Instant::now();
-                    full_sync(
-                        &bed.topology,
-                        bed.mode,
-                        &[fillers.clone(), variant.clone()].concat(),
-                    )?;
-                    timings.push(("full sync", start.elapsed()));
-                }
                 let start = Instant::now();
                 partial_sync(&bed.topology, bed.mode, &variant)?;
                 timings.push(("partial sync", start.elapsed()));
@@ -369,6 +485,44 @@ fn programming(
         }
     }
     Ok(timings)
+}
+
+/// tc_ingress's per-packet cost on the node's client-facing device at this scale, through
+/// BPF_PROG_TEST_RUN against the live maps, one run per call: an established flow to the
+/// measured Service, a new flow to it each call, and a packet for no Service at all.
+fn packet_cost(node: &Netns, count: usize) -> anyhow::Result<BTreeMap<&'static str, Percentiles>> {
+    node.run(move || -> anyhow::Result<_> {
+        let ifindex = nix::net::if_::if_nametoindex(NODE_CLIENT_DEVICE)?;
+        let program = Program::tcx_ingress(ifindex)?;
+        let client = |port| SocketAddrV4::new(CLIENT_IP, port);
+        let measured = SocketAddrV4::new(MEASURED.0, MEASURED.1);
+        // Outside the service CIDR, so no Service lookup can match it.
+        let unrelated = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 7), 80);
+        let established = frame::tcp_frame(client(40000), measured);
+        program.time(&established)?; // the first packet makes the conntrack entry
+        let time = |frames: &mut dyn Iterator<Item = Vec<u8>>| -> anyhow::Result<Percentiles> {
+            let ns = frames
+                .map(|f| program.time(&f).map(f64::from))
+                .collect::<anyhow::Result<Vec<f64>>>()?;
+            Ok(percentiles(&ns))
+        };
+        let fresh_ports = (0..count).map(|i| frame::tcp_frame(client(1024 + i as u16), measured));
+        let [established_kind, new_kind, unrelated_kind] = report::PACKETS;
+        Ok(BTreeMap::from([
+            (
+                established_kind,
+                time(&mut std::iter::repeat_n(established.clone(), count))?,
+            ),
+            (new_kind, time(&mut fresh_ports.into_iter())?),
+            (
+                unrelated_kind,
+                time(&mut std::iter::repeat_n(
+                    frame::tcp_frame(client(40000), unrelated),
+                    count,
+                ))?,
+            ),
+        ]))
+    })?
 }
 
 /// Feeds `rules` to `tool` (a restore command, or nft) inside the node namespace.
@@ -390,42 +544,6 @@ fn restore(topology: &Topology, tool: &str, args: &[&str], rules: &str) -> anyho
         bail!("{tool} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(())
-}
-
-/// The Services (Service ports of one name grouped into one Service) and their
-/// EndpointSlices as one `kind: List` manifest.
-fn manifest_list(services: &[BenchService]) -> String {
-    let mut grouped: Vec<(&str, Vec<&BenchService>)> = Vec::new();
-    for svc in services {
-        match grouped.last_mut() {
-            Some((name, ports)) if *name == svc.name => ports.push(svc),
-            _ => grouped.push((&svc.name, vec![svc])),
-        }
-    }
-    let mut items: Vec<Value> = Vec::with_capacity(grouped.len() * 2);
-    for (i, (_, ports)) in grouped.iter().enumerate() {
-        let name = format!("s{i}");
-        let protocol = |svc: &BenchService| svc.proto.to_uppercase();
-        let service_ports: Vec<Value> = ports
-            .iter()
-            .map(|p| json!({"name": p.proto, "port": p.port, "protocol": protocol(p)}))
-            .collect();
-        let slice_ports: Vec<Value> = ports
-            .iter()
-            .map(|p| json!({"name": p.proto, "port": p.endpoints[0].1, "protocol": protocol(p)}))
-            .collect();
-        let endpoints: Vec<Value> = ports[0]
-            .endpoints
-            .iter()
-            .map(|(ip, _)| json!({"addresses": [ip.to_string()]}))
-            .collect();
-        items.push(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"},
-            "spec": {"clusterIP": ports[0].cluster_ip.to_string(), "ports": service_ports}}));
-        items.push(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": format!("{name}-1"), "namespace": "default", "labels": {"kubernetes.io/service-name": name}},
-            "addressType": "IPv4", "ports": slice_ports, "endpoints": endpoints}));
-    }
-    yaml(json!({"apiVersion": "v1", "kind": "List", "items": items}))
 }
 
 /// TCP_CRR: `count` times connect, read the backend's greeting, close; each one's latency.
@@ -466,26 +584,4 @@ fn udp_rr(target: SocketAddr, count: usize) -> anyhow::Result<Vec<Duration>> {
             Ok(start.elapsed())
         })
         .collect()
-}
-
-/// Latency percentiles in µs, and operations per second one after another.
-#[derive(serde::Serialize)]
-struct Summary {
-    p50: f64,
-    p99: f64,
-    rate: f64,
-    samples: usize,
-}
-
-fn summary(samples: &[Duration]) -> Summary {
-    let mut sorted = samples.to_vec();
-    sorted.sort();
-    let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
-    let total: f64 = samples.iter().map(Duration::as_secs_f64).sum();
-    Summary {
-        p50: at(0.5),
-        p99: at(0.99),
-        rate: samples.len() as f64 / total,
-        samples: samples.len(),
-    }
 }
