@@ -1,8 +1,8 @@
 //! `node-agent run`: the datapath fed from a manifest directory until SIGTERM.
 use std::{
+    collections::BTreeSet,
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
-    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -17,12 +17,8 @@ use crate::{
     health::{self, ServiceHealthServers},
     model::{Ipv4Cidr, Node},
     proxy::Proxy,
-    source::manifest::{self, ManifestDir},
+    source::manifest::{self, ManifestDir, Watched},
 };
-
-/// Changes that arrive this close together are applied as one sync: an in-place save is a
-/// truncate and a write microseconds apart, and must not be read half-written.
-const DEBOUNCE: Duration = Duration::from_millis(5);
 
 pub struct RunConfig {
     pub manifests: PathBuf,
@@ -118,20 +114,48 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let _watcher = manifest::watch(&config.manifests, changed)?;
     let mut state = NodeState {
         manifests: ManifestDir::new(&config.manifests),
-        node,
-        proxy: Proxy::default(),
+        proxy: Proxy::new(node),
         datapath,
         health_checks: ServiceHealthServers::default(),
     };
-    state.sync().await.context("first sync")?;
+    // The first load hands each file's objects to the proxy as soon as it is parsed.
+    let mut files = 0;
+    state.manifests.load_each(&mut |loaded| {
+        files += loaded.parsed;
+        report(&loaded);
+        state.proxy.stage(loaded.changes);
+    })?;
+    state.sync(files).await.context("first sync")?;
     health.synced();
 
     loop {
         tokio::select! {
-            Some(()) = changes.recv() => {
-                tokio::time::sleep(DEBOUNCE).await;
-                while changes.try_recv().is_ok() {}
-                match state.sync().await {
+            Some(first) = changes.recv() => {
+                // The watcher reports complete writes only, so nothing waits for a write to
+                // finish: what is already queued is applied together, and that is all.
+                let mut paths = BTreeSet::new();
+                let mut everything = false;
+                for watched in std::iter::once(first).chain(std::iter::from_fn(|| changes.try_recv().ok())) {
+                    match watched {
+                        Watched::Path(path) => { paths.insert(path); }
+                        Watched::Everything => everything = true,
+                    }
+                }
+                let loaded = if everything {
+                    state.manifests.load()
+                } else {
+                    Ok(state.manifests.reload(paths))
+                };
+                let result = match loaded {
+                    Ok(loaded) => {
+                        report(&loaded);
+                        let files = loaded.parsed;
+                        state.proxy.stage(loaded.changes);
+                        state.sync(files).await
+                    }
+                    Err(e) => Err(e),
+                };
+                match result {
                     Ok(()) => health.synced(),
                     Err(e) => error!("sync failed: {e:#}"),
                 }
@@ -145,38 +169,38 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What a sync reads and writes: the manifests as last read, the node, what the proxy has
-/// applied, the datapath and the health-check servers.
+/// Logs what the source refused or skipped.
+fn report(loaded: &manifest::Loaded) {
+    for e in &loaded.errors {
+        warn!("manifest refused: {e}");
+    }
+    for s in &loaded.skipped {
+        debug!("manifest skipped (kind not used by node-agent): {s}");
+    }
+}
+
+/// What a sync reads and writes: the manifests as last read, what the proxy has applied, the
+/// datapath and the health-check servers.
 struct NodeState {
     manifests: ManifestDir,
-    node: Node,
     proxy: Proxy,
     datapath: Datapath,
     health_checks: ServiceHealthServers,
 }
 
 impl NodeState {
-    async fn sync(&mut self) -> anyhow::Result<()> {
-        let loaded = self.manifests.load()?;
-        for e in &loaded.errors {
-            warn!("manifest refused: {e}");
-        }
-        for s in &loaded.skipped {
-            debug!("manifest skipped (kind not used by node-agent): {s}");
-        }
-        let report = self
-            .proxy
-            .sync(&loaded.cluster, &self.node, &mut self.datapath)?;
+    /// Writes what was staged; `files` were read for it.
+    async fn sync(&mut self, files: usize) -> anyhow::Result<()> {
+        let report = self.proxy.sync(&mut self.datapath)?;
         for e in &report.errors {
             warn!("object refused: {e}");
         }
         self.health_checks.reconcile(&report.health_checks).await;
         info!(
-            services = loaded.cluster.services.len(),
-            endpoint_slices = loaded.cluster.endpoint_slices.len(),
-            files_parsed = loaded.parsed,
+            files_parsed = files,
             writes = report.writes,
-            elapsed_us = report.elapsed.as_micros() as u64,
+            compile_us = report.compiled.as_micros() as u64,
+            write_us = report.written.as_micros() as u64,
             "synced"
         );
         Ok(())

@@ -121,7 +121,7 @@ async fn service_health(State(state): State<Arc<Mutex<HealthCheck>>>) -> impl In
         StatusCode::SERVICE_UNAVAILABLE
     };
     let body = json!({
-        "service": {"namespace": check.service.namespace, "name": check.service.name},
+        "service": {"namespace": &*check.service.namespace, "name": &*check.service.name},
         "localEndpoints": check.local_endpoints,
         "serviceProxyHealthy": true,
     });

@@ -1,13 +1,15 @@
-//! The cluster as the agent knows it: Kubernetes objects from any source, keyed by name.
+//! The cluster as the agent learns it: changes to Kubernetes objects from any source, keyed
+//! by name.
 use std::{collections::BTreeMap, fmt, net::Ipv4Addr, str::FromStr, sync::Arc};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-/// `namespace/name`, the identity of a namespaced object.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// `namespace/name`, the identity of a namespaced object. Cheap to clone: the proxy keeps it in
+/// several indexes for every object.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectName {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl fmt::Display for ObjectName {
@@ -16,12 +18,25 @@ impl fmt::Display for ObjectName {
     }
 }
 
-/// Everything the proxy compiles into the datapath.
-#[derive(Clone, Debug, Default)]
-pub struct Cluster {
-    // Shared with the source, which keeps them between loads: a sync copies no object.
-    pub services: BTreeMap<ObjectName, Arc<Service>>,
-    pub endpoint_slices: BTreeMap<ObjectName, Arc<EndpointSlice>>,
+/// What changed since the source last reported (kube-rs watcher style): each object applied,
+/// with its new version, or deleted (`None`). An object applied again unchanged is allowed;
+/// the proxy notices that nothing it uses changed.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub services: BTreeMap<ObjectName, Option<Service>>,
+    pub endpoint_slices: BTreeMap<ObjectName, Option<EndpointSlice>>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && self.endpoint_slices.is_empty()
+    }
+
+    /// These changes followed by `later` ones.
+    pub fn extend(&mut self, later: Changes) {
+        self.services.extend(later.services);
+        self.endpoint_slices.extend(later.endpoint_slices);
+    }
 }
 
 /// An object the agent refused, and why: `Service default/web: spec.ports[0].port: ...`.

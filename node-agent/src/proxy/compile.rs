@@ -1,15 +1,22 @@
-//! Compiles Services and EndpointSlices into the desired content of the datapath's maps.
+//! Compiles Services and EndpointSlices into the desired content of the datapath's maps,
+//! incrementally: a change recompiles only the Services it touches.
 //!
-//! Pure: no I/O, and the same cluster, node and previous ids give the same maps, so it is
+//! Pure: no I/O, and the same changes on the same compiler give the same maps, so it is
 //! table-tested without a kernel. Invalid objects are refused one by one with a message naming
 //! the object and the field; they never disturb the others.
 //!
 //! The Service semantics are kube-proxy's: which endpoints each kind of traffic may use
 //! (traffic policies, terminating fallback), which frontends exist (ClusterIP, NodePort on each
 //! node address, LoadBalancer ingress IPs, ExternalIPs), and when the datapath masquerades.
+//!
+//! What Services share stays global: a frontend claimed by several Services belongs to the
+//! first by name (the others are recompiled when it changes hands), backend and ClusterIP
+//! entries are counted by their users and removed with the last one, and ids come from tables
+//! that outlive any one Service.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr},
+    sync::Arc,
 };
 
 use k8s_openapi::api::{
@@ -17,92 +24,123 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use node_common::{
-    BACKENDS_MAX_ENTRIES, Backend, MAX_BACKENDS_PER_SERVICE, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
-    REV_NAT_MAX_ENTRIES, RevNat, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_AFFINITY, SVC_DROP_WHEN_EMPTY,
-    SVC_ETP_LOCAL, SVC_EXTERNAL, SVC_SOURCE_RANGES, ServiceValue,
+    BACKENDS_MAX_ENTRIES, Backend, CLUSTER_IPS_MAX_ENTRIES, MAX_BACKENDS_PER_SERVICE, PROTO_SCTP,
+    PROTO_TCP, PROTO_UDP, REV_NAT_MAX_ENTRIES, RevNat, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    SVC_AFFINITY, SVC_DROP_WHEN_EMPTY, SVC_ETP_LOCAL, SVC_EXTERNAL, SVC_SOURCE_RANGES, ServiceKey,
+    ServiceValue,
 };
 
 use super::state::{Frontend, MapState};
-use crate::model::{Cluster, Ipv4Cidr, Node, ObjectError, ObjectName};
+use crate::model::{Changes, Ipv4Cidr, Node, ObjectError, ObjectName};
 
 /// The label that links an EndpointSlice to its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Kubernetes' default sessionAffinityConfig.clientIP.timeoutSeconds.
 const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 
-/// Ids handed out to backends and frontends. They live as long as their object, and a freed id
-/// is not handed out again soon, so a conntrack entry that outlives its backend can never land
-/// on another one.
-#[derive(Clone, Debug, Default)]
-pub struct Ids {
-    backends: IdTable<Backend>,
-    rev_nat: IdTable<Frontend>,
-}
-
-#[derive(Clone, Debug)]
+/// Ids handed out to keys (backends, frontends) and counted holders. An id lives as long as
+/// someone holds its key, and a freed id is not handed out again soon, so a conntrack entry
+/// that outlives its backend can never land on another one. A key nobody holds keeps its id
+/// until `sweep` (the end of a sync), so a key moving between Services keeps it.
+#[derive(Debug)]
 struct IdTable<K> {
-    ids: BTreeMap<K, u32>,
+    /// Each key's id and how many hold it.
+    ids: BTreeMap<K, (u32, u32)>,
     used: BTreeSet<u32>,
+    /// Keys given an id since `new_sync`: they were not in the maps before.
+    fresh: BTreeSet<K>,
+    /// Keys whose last holder let go since the last sweep.
+    released: BTreeSet<K>,
+    /// Services that could not hold a key because the table was full.
+    starved: BTreeSet<ObjectName>,
     last: u32,
-}
-
-impl<K> Default for IdTable<K> {
-    fn default() -> Self {
-        Self {
-            ids: BTreeMap::new(),
-            used: BTreeSet::new(),
-            last: 0,
-        }
-    }
+    max_id: u32,
+    capacity: u32,
 }
 
 impl<K: Ord + Copy> IdTable<K> {
-    /// A table with no ids yet that continues counting where `previous` stopped.
-    fn after(previous: &Self) -> Self {
+    fn new(max_id: u32, capacity: u32) -> Self {
         Self {
             ids: BTreeMap::new(),
             used: BTreeSet::new(),
-            last: previous.last,
+            fresh: BTreeSet::new(),
+            released: BTreeSet::new(),
+            starved: BTreeSet::new(),
+            last: 0,
+            max_id,
+            capacity,
         }
     }
 
-    /// The id `key` had before, or the next one free in both tables (ids start at 1; 0 means
-    /// none). `None` when `capacity` ids are in use.
-    fn get(&mut self, key: K, previous: &Self, max_id: u32, capacity: u32) -> Option<u32> {
-        if let Some(&id) = self.ids.get(&key) {
-            return Some(id);
+    /// Holds `key`: the id it has, or the next one free (ids start at 1; 0 means none).
+    /// `None` when `capacity` ids are in use.
+    fn hold(&mut self, key: K) -> Option<u32> {
+        if let Some((id, holders)) = self.ids.get_mut(&key) {
+            *holders += 1;
+            return Some(*id);
         }
-        let id = match previous.ids.get(&key) {
-            Some(&id) => id,
-            None => {
-                if self.used.len() as u32 >= capacity {
-                    return None;
-                }
-                let mut id = self.last;
-                loop {
-                    id = if id >= max_id { 1 } else { id + 1 };
-                    if !self.used.contains(&id) && !previous.used.contains(&id) {
-                        break;
-                    }
-                }
-                self.last = id;
-                id
+        if self.used.len() as u32 >= self.capacity {
+            return None;
+        }
+        let mut id = self.last;
+        loop {
+            id = if id >= self.max_id { 1 } else { id + 1 };
+            if !self.used.contains(&id) {
+                break;
             }
-        };
-        self.ids.insert(key, id);
+        }
+        self.last = id;
         self.used.insert(id);
+        self.ids.insert(key, (id, 1));
+        self.fresh.insert(key);
         Some(id)
     }
-}
 
-/// The compiler's output: the maps' desired content, the ids it used, the health-check
-/// servers externalTrafficPolicy Local asks for, and what it refused.
-#[derive(Debug)]
-pub struct Compiled {
-    pub state: MapState,
-    pub ids: Ids,
-    pub health_checks: BTreeMap<u16, HealthCheck>,
-    pub errors: Vec<ObjectError>,
+    fn release(&mut self, key: K) {
+        let (_, holders) = self.ids.get_mut(&key).expect("released a key never held");
+        *holders -= 1;
+        if *holders == 0 {
+            self.released.insert(key);
+        }
+    }
+
+    /// The id of `key` while someone holds it.
+    fn held(&self, key: &K) -> Option<u32> {
+        self.ids
+            .get(key)
+            .filter(|(_, holders)| *holders > 0)
+            .map(|(id, _)| *id)
+    }
+
+    /// The id `key` had when the sync began.
+    fn held_before(&self, key: &K) -> Option<u32> {
+        (!self.fresh.contains(key))
+            .then(|| self.ids.get(key).map(|(id, _)| *id))
+            .flatten()
+    }
+
+    /// Frees the ids nobody holds any more.
+    fn sweep(&mut self) {
+        for key in std::mem::take(&mut self.released) {
+            if let Some(&(id, 0)) = self.ids.get(&key) {
+                self.ids.remove(&key);
+                self.used.remove(&id);
+            }
+        }
+    }
+
+    fn new_sync(&mut self) {
+        self.fresh.clear();
+    }
+
+    /// A Service the table was full for, when it has room again: one at a time, since
+    /// each may fill it.
+    fn next_starved(&mut self) -> Option<ObjectName> {
+        if self.used.len() as u32 >= self.capacity {
+            return None;
+        }
+        self.starved.pop_first()
+    }
 }
 
 /// A healthCheckNodePort: load balancers ask it whether this node has local endpoints.
@@ -114,6 +152,7 @@ pub struct HealthCheck {
 }
 
 /// A valid Service: its ports and what applies to all of them.
+#[derive(Debug, PartialEq)]
 struct ServiceSpecV {
     ports: Vec<ServicePort>,
     cluster_ip: Ipv4Addr,
@@ -128,23 +167,25 @@ struct ServiceSpecV {
 }
 
 /// One port of a valid Service.
+#[derive(Debug, PartialEq)]
 struct ServicePort {
     /// `spec.ports[].name`, "" when unnamed; EndpointSlice ports are matched by it.
-    name: String,
+    name: Arc<str>,
     port: u16,
     proto: u8,
     node_port: Option<u16>,
 }
 
 /// One port of a valid EndpointSlice.
+#[derive(Debug, PartialEq)]
 struct SlicePort {
-    name: String,
+    name: Arc<str>,
     port: u16,
     proto: u8,
 }
 
 /// An endpoint address with its conditions.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 struct Endpoint {
     ip: Ipv4Addr,
     ready: bool,
@@ -153,7 +194,10 @@ struct Endpoint {
     local: bool,
 }
 
+/// A valid IPv4 EndpointSlice of a Service: all the proxy keeps of it.
+#[derive(Debug, PartialEq)]
 struct SliceEndpoints {
+    service: ObjectName,
     ports: Vec<SlicePort>,
     endpoints: Vec<Endpoint>,
 }
@@ -175,35 +219,380 @@ fn usable(endpoints: &PortEndpoints, local_only: bool) -> BTreeSet<Backend> {
         .collect()
 }
 
-pub fn compile(cluster: &Cluster, node: &Node, previous: &Ids) -> Compiled {
-    let mut errors = Vec::new();
-    let slices = slices_by_service(cluster, node, &mut errors);
-    let mut out = Emitter {
-        state: MapState::default(),
-        ids: Ids {
-            backends: IdTable::after(&previous.backends),
-            rev_nat: IdTable::after(&previous.rev_nat),
-        },
-        node,
-        previous,
-        owners: BTreeMap::new(),
-        errors,
-    };
-    let mut health_checks = BTreeMap::new();
+/// A Service as last applied: valid (`None` for headless and ExternalName ones) or refused.
+type ServiceInput = Result<Option<ServiceSpecV>, String>;
 
-    for (name, service) in &cluster.services {
-        let spec = match service_spec(service) {
-            Ok(Some(spec)) => spec,
-            Ok(None) => continue,
-            Err(reason) => {
-                out.errors.push(ObjectError::new("Service", name, reason));
+/// What one Service's frontends put in the maps, and what it holds of what is shared.
+#[derive(Debug, Default)]
+struct Output {
+    /// Every frontend it asks for, whether it holds it or another Service does.
+    claims: Vec<Frontend>,
+    /// The frontends whose reverse-NAT id it holds.
+    held: Vec<Frontend>,
+    services: Vec<(ServiceKey, ServiceValue)>,
+    rev_nat: Vec<(u16, RevNat)>,
+    source_ranges: Vec<(u16, Ipv4Cidr)>,
+    /// One per slot that names the backend.
+    backends: Vec<(u32, Backend)>,
+    cluster_ip: Option<Ipv4Addr>,
+    health_check_port: Option<u16>,
+}
+
+impl Output {
+    fn add_to(&self, state: &mut MapState) {
+        state.services.extend(self.services.iter().copied());
+        state.rev_nat.extend(self.rev_nat.iter().copied());
+        state
+            .source_ranges
+            .extend(self.source_ranges.iter().copied());
+        state.backends.extend(self.backends.iter().copied());
+        state.cluster_ips.extend(self.cluster_ip);
+    }
+}
+
+/// What Services share: frontends, ids, the Services to recompile.
+#[derive(Debug)]
+struct Shared {
+    /// (frontend, a Service that asks for it): the first by name holds it.
+    claims: BTreeSet<(Frontend, ObjectName)>,
+    /// The Service whose output holds each frontend.
+    holders: BTreeMap<Frontend, ObjectName>,
+    backends: IdTable<Backend>,
+    rev_nat: IdTable<Frontend>,
+    cluster_ips: IdTable<Ipv4Addr>,
+    /// Services to recompile in this sync.
+    touched: BTreeSet<ObjectName>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self {
+            claims: BTreeSet::new(),
+            holders: BTreeMap::new(),
+            backends: IdTable::new(u32::MAX, BACKENDS_MAX_ENTRIES),
+            rev_nat: IdTable::new(u32::from(u16::MAX), REV_NAT_MAX_ENTRIES),
+            cluster_ips: IdTable::new(u32::MAX, CLUSTER_IPS_MAX_ENTRIES),
+            touched: BTreeSet::new(),
+        }
+    }
+}
+
+impl Shared {
+    /// `name` asks for `frontend`: `Err` names the Service that holds it instead.
+    fn claim(&mut self, frontend: Frontend, name: &ObjectName) -> Result<(), ObjectName> {
+        if !self.claims.insert((frontend, name.clone())) {
+            // Twice by the same Service (two ports, or an ExternalIP that is its ClusterIP).
+            return Err(name.clone());
+        }
+        if let Some(first) = self.first_claimant(frontend).filter(|n| *n != name) {
+            return Err(first.clone());
+        }
+        if let Some(previous) = self.holders.insert(frontend, name.clone())
+            && previous != *name
+        {
+            // It sorts after `name`: it gives the frontend up when recompiled.
+            self.touched.insert(previous);
+        }
+        Ok(())
+    }
+
+    fn first_claimant(&self, frontend: Frontend) -> Option<&ObjectName> {
+        self.claims
+            .range((frontend, ObjectName::default())..)
+            .next()
+            .filter(|(f, _)| *f == frontend)
+            .map(|(_, name)| name)
+    }
+
+    /// Lets go of all `output` held for `name`; the next claimant of a frontend it held is
+    /// recompiled to take it.
+    fn release(&mut self, name: &ObjectName, output: &Output) {
+        for &frontend in &output.claims {
+            self.claims.remove(&(frontend, name.clone()));
+            if self.holders.get(&frontend) == Some(name) {
+                self.holders.remove(&frontend);
+                if let Some(next) = self.first_claimant(frontend) {
+                    self.touched.insert(next.clone());
+                }
+            }
+        }
+        for &frontend in &output.held {
+            self.rev_nat.release(frontend);
+        }
+        for &(_, backend) in &output.backends {
+            self.backends.release(backend);
+        }
+        if let Some(ip) = output.cluster_ip {
+            self.cluster_ips.release(ip);
+        }
+    }
+}
+
+/// The compiler: the objects as last applied (in the compact form compiling needs), what each
+/// Service compiled to, and what Services share.
+#[derive(Debug)]
+pub struct Compiler {
+    node: Node,
+    services: BTreeMap<ObjectName, ServiceInput>,
+    slices: BTreeMap<ObjectName, SliceEndpoints>,
+    /// (Service, one of its slices), for the slices of a Service in name order.
+    slices_of: BTreeSet<(ObjectName, ObjectName)>,
+    outputs: BTreeMap<ObjectName, Output>,
+    /// Every Service's healthCheckNodePort (by port, then Service).
+    health_checks: BTreeMap<(u16, ObjectName), HealthCheck>,
+    shared: Shared,
+    /// EndpointSlices refused since the last commit.
+    slice_errors: Vec<ObjectError>,
+}
+
+/// What a commit changed: the maps' content before and after it, over the entries it touched
+/// (`proxy::diff` orders the writes between them), and what it refused.
+#[derive(Debug, Default)]
+pub struct Update {
+    pub before: MapState,
+    pub after: MapState,
+    /// Objects refused, in the order compiled: EndpointSlices, then Services by name.
+    pub errors: Vec<ObjectError>,
+}
+
+impl Compiler {
+    pub fn new(node: Node) -> Self {
+        Self {
+            node,
+            services: BTreeMap::new(),
+            slices: BTreeMap::new(),
+            slices_of: BTreeSet::new(),
+            outputs: BTreeMap::new(),
+            health_checks: BTreeMap::new(),
+            shared: Shared::default(),
+            slice_errors: Vec::new(),
+        }
+    }
+
+    /// Takes in changed objects and notes the Services they touch; only what the compiler
+    /// uses is kept of them.
+    pub fn stage(&mut self, changes: Changes) {
+        for (name, slice) in changes.endpoint_slices {
+            let new = match slice.map(|s| slice_endpoints(&name, &s, &self.node)) {
+                Some(Ok(new)) => new,
+                Some(Err(reason)) => {
+                    let error = ObjectError::new("EndpointSlice", &name, reason);
+                    self.slice_errors.push(error);
+                    None
+                }
+                None => None,
+            };
+            if self.slices.get(&name) == new.as_ref() {
                 continue;
             }
+            if let Some(old) = self.slices.remove(&name) {
+                self.slices_of.remove(&(old.service.clone(), name.clone()));
+                self.shared.touched.insert(old.service);
+            }
+            if let Some(new) = new {
+                self.slices_of.insert((new.service.clone(), name.clone()));
+                self.shared.touched.insert(new.service.clone());
+                self.slices.insert(name, new);
+            }
+        }
+        for (name, service) in changes.services {
+            let new = service.map(|s| service_spec(&s));
+            if self.services.get(&name) == new.as_ref() {
+                continue;
+            }
+            self.shared.touched.insert(name.clone());
+            match new {
+                Some(new) => self.services.insert(name, new),
+                None => self.services.remove(&name),
+            };
+        }
+    }
+
+    /// Recompiles the Services touched since the last commit, and those whose share of
+    /// frontends or ids changed because of them.
+    pub fn commit(&mut self) -> Update {
+        let mut update = Update {
+            errors: std::mem::take(&mut self.slice_errors),
+            ..Default::default()
         };
-        out.state.cluster_ips.insert(spec.cluster_ip);
+        let mut errors = BTreeMap::new();
+        let mut recompiled = BTreeSet::new();
+        loop {
+            while let Some(name) = self.shared.touched.pop_first() {
+                let old = self.recompile(&name, &mut errors);
+                // What it held before this commit: not what an earlier round of it held.
+                if recompiled.insert(name)
+                    && let Some(old) = old
+                {
+                    old.add_to(&mut update.before);
+                }
+            }
+            // Ids freed: the Services a full table left something out of get another try.
+            let shared = &mut self.shared;
+            shared.rev_nat.sweep();
+            shared.backends.sweep();
+            shared.cluster_ips.sweep();
+            let retry = [
+                shared.rev_nat.next_starved(),
+                shared.backends.next_starved(),
+                shared.cluster_ips.next_starved(),
+            ];
+            if retry.iter().all(Option::is_none) {
+                break;
+            }
+            shared.touched.extend(retry.into_iter().flatten());
+        }
+        for name in &recompiled {
+            if let Some(output) = self.outputs.get(name) {
+                output.add_to(&mut update.after);
+            }
+        }
+        // Shared entries: in the maps while anyone holds them, whoever that is.
+        let Update { before, after, .. } = &mut update;
+        let shared = &mut self.shared;
+        for (&id, backend) in &before.backends {
+            if shared.backends.held(backend) == Some(id) {
+                after.backends.insert(id, *backend);
+            }
+        }
+        for (&id, backend) in &after.backends {
+            if shared.backends.held_before(backend) == Some(id) {
+                before.backends.insert(id, *backend);
+            }
+        }
+        after.cluster_ips.extend(
+            before
+                .cluster_ips
+                .iter()
+                .filter(|ip| shared.cluster_ips.held(ip).is_some()),
+        );
+        before.cluster_ips.extend(
+            after
+                .cluster_ips
+                .iter()
+                .filter(|ip| shared.cluster_ips.held_before(ip).is_some()),
+        );
+        shared.backends.new_sync();
+        shared.rev_nat.new_sync();
+        shared.cluster_ips.new_sync();
+        update.errors.extend(errors.into_values().flatten());
+        update
+    }
+
+    /// The maps' full desired content.
+    pub fn state(&self) -> MapState {
+        let mut state = MapState::default();
+        for output in self.outputs.values() {
+            output.add_to(&mut state);
+        }
+        state
+    }
+
+    /// The healthCheckNodePort servers the Services ask for, by port (the last Service by name
+    /// when several ask for one).
+    pub fn health_checks(&self) -> BTreeMap<u16, HealthCheck> {
+        self.health_checks
+            .iter()
+            .map(|((port, _), check)| (*port, check.clone()))
+            .collect()
+    }
+
+    /// Compiles `name` again; its previous output, if it had one.
+    fn recompile(
+        &mut self,
+        name: &ObjectName,
+        errors: &mut BTreeMap<ObjectName, Vec<ObjectError>>,
+    ) -> Option<Output> {
+        let shared = &mut self.shared;
+        shared.rev_nat.starved.remove(name);
+        shared.backends.starved.remove(name);
+        shared.cluster_ips.starved.remove(name);
+        let old = self.outputs.remove(name);
+        if let Some(old) = &old {
+            self.shared.release(name, old);
+            if let Some(port) = old.health_check_port {
+                self.health_checks.remove(&(port, name.clone()));
+            }
+        }
+        errors.remove(name);
+        let spec = match self.services.get(name) {
+            Some(Ok(Some(spec))) => spec,
+            Some(Err(reason)) => {
+                errors.insert(
+                    name.clone(),
+                    vec![ObjectError::new("Service", name, reason.clone())],
+                );
+                return old;
+            }
+            Some(Ok(None)) | None => return old,
+        };
+        let slices = self
+            .slices_of
+            .range((name.clone(), ObjectName::default())..)
+            .take_while(|(service, _)| service == name)
+            .map(|(_, slice)| &self.slices[slice]);
+        let mut out = Emitter {
+            name,
+            spec,
+            node: &self.node,
+            shared: &mut self.shared,
+            output: Output::default(),
+            errors: Vec::new(),
+            any_endpoints: false,
+        };
+        let local_ready = out.service(slices.collect());
+        if let Some(port) = spec.health_check_node_port.filter(|_| spec.etp_local) {
+            let check = HealthCheck {
+                service: name.clone(),
+                local_endpoints: local_ready,
+            };
+            self.health_checks.insert((port, name.clone()), check);
+            out.output.health_check_port = Some(port);
+        }
+        if !out.errors.is_empty() {
+            errors.insert(name.clone(), out.errors);
+        }
+        self.outputs.insert(name.clone(), out.output);
+        old
+    }
+}
+
+/// Compiles one Service: claims its frontends and writes their entries into its output.
+struct Emitter<'a> {
+    name: &'a ObjectName,
+    spec: &'a ServiceSpecV,
+    node: &'a Node,
+    shared: &'a mut Shared,
+    output: Output,
+    errors: Vec<ObjectError>,
+    /// Whether the Service has usable endpoints anywhere: an empty scope then drops (a Local
+    /// policy with no local endpoint) instead of rejecting (no endpoints at all).
+    any_endpoints: bool,
+}
+
+impl Emitter<'_> {
+    fn error(&mut self, reason: String) {
+        self.errors
+            .push(ObjectError::new("Service", self.name, reason));
+    }
+
+    /// Every port's frontends; how many ready endpoints the Service has on this node.
+    fn service(&mut self, slices: Vec<&SliceEndpoints>) -> usize {
+        let spec = self.spec;
+        let node = self.node;
+        match self.shared.cluster_ips.hold(spec.cluster_ip) {
+            Some(_) => self.output.cluster_ip = Some(spec.cluster_ip),
+            None => {
+                self.error(format!(
+                    "spec.clusterIP: {}: the ClusterIP map is full",
+                    spec.cluster_ip
+                ));
+                self.shared.cluster_ips.starved.insert(self.name.clone());
+            }
+        }
         let mut local_ready = BTreeSet::new();
         for port in &spec.ports {
-            let endpoints = endpoints_of(port, slices.get(name));
+            let endpoints = endpoints_of(port, &slices);
             local_ready.extend(
                 endpoints
                     .iter()
@@ -219,19 +608,8 @@ pub fn compile(cluster: &Cluster, node: &Node, previous: &Ids) -> Compiled {
                 port: number,
                 proto: port.proto,
             };
-            let common = Common {
-                name,
-                spec: &spec,
-                any_endpoints: !all.is_empty(),
-            };
-            out.frontend(
-                &common,
-                at(spec.cluster_ip, port.port),
-                0,
-                internal,
-                None,
-                &[],
-            );
+            self.any_endpoints = !all.is_empty();
+            self.frontend(at(spec.cluster_ip, port.port), 0, internal, None, &[]);
             // NodePort, LoadBalancer and ExternalIP frontends; only LoadBalancer IPs check
             // source ranges.
             let no_ranges: &[Ipv4Cidr] = &[];
@@ -251,98 +629,50 @@ pub fn compile(cluster: &Cluster, node: &Node, previous: &Ids) -> Compiled {
             }));
             for (fe, ranges) in external.collect::<Vec<_>>() {
                 if spec.etp_local {
-                    out.frontend(
-                        &common,
-                        fe,
-                        SVC_EXTERNAL | SVC_ETP_LOCAL,
-                        &local,
-                        Some(internal),
-                        ranges,
-                    );
+                    let flags = SVC_EXTERNAL | SVC_ETP_LOCAL;
+                    self.frontend(fe, flags, &local, Some(internal), ranges);
                 } else {
-                    out.frontend(&common, fe, SVC_EXTERNAL, &all, None, ranges);
+                    self.frontend(fe, SVC_EXTERNAL, &all, None, ranges);
                 }
             }
         }
-        if let Some(port) = spec.health_check_node_port.filter(|_| spec.etp_local) {
-            health_checks.insert(
-                port,
-                HealthCheck {
-                    service: name.clone(),
-                    local_endpoints: local_ready.len(),
-                },
-            );
-        }
+        local_ready.len()
     }
-    Compiled {
-        state: out.state,
-        ids: out.ids,
-        health_checks,
-        errors: out.errors,
-    }
-}
 
-/// What every frontend of one Service shares.
-struct Common<'a> {
-    name: &'a ObjectName,
-    spec: &'a ServiceSpecV,
-    /// Whether the Service has usable endpoints anywhere: an empty scope then drops (a Local
-    /// policy with no local endpoint) instead of rejecting (no endpoints at all).
-    any_endpoints: bool,
-}
-
-/// Writes frontends into the desired state, allocating ids and refusing conflicts.
-struct Emitter<'a> {
-    state: MapState,
-    ids: Ids,
-    node: &'a Node,
-    previous: &'a Ids,
-    /// Which Service holds each frontend: the first one keeps it.
-    owners: BTreeMap<Frontend, ObjectName>,
-    errors: Vec<ObjectError>,
-}
-
-impl Emitter<'_> {
     /// One frontend: its master and slots in scope EXTERNAL (and, given `internal`, the
     /// backends sources inside the cluster use, in scope INTERNAL), its reverse-NAT entry and
     /// its source ranges.
     fn frontend(
         &mut self,
-        common: &Common,
         frontend: Frontend,
         flags: u16,
         backends: &BTreeSet<Backend>,
         internal: Option<&BTreeSet<Backend>>,
         source_ranges: &[Ipv4Cidr],
     ) {
-        let name = common.name;
-        if let Some(owner) = self.owners.get(&frontend) {
-            let reason = format!("{frontend} is already used by Service {owner}; ignoring it here");
-            self.errors.push(ObjectError::new("Service", name, reason));
-            return;
+        if !self.output.claims.contains(&frontend) {
+            self.output.claims.push(frontend);
         }
-        self.owners.insert(frontend, name.clone());
-        let Some(rev_nat_id) = self.ids.rev_nat.get(
-            frontend,
-            &self.previous.rev_nat,
-            u32::from(u16::MAX),
-            REV_NAT_MAX_ENTRIES,
-        ) else {
-            self.errors.push(ObjectError::new(
-                "Service",
-                name,
-                format!("{frontend}: the reverse-NAT map is full"),
+        if let Err(owner) = self.shared.claim(frontend, self.name) {
+            self.error(format!(
+                "{frontend} is already used by Service {owner}; ignoring it here"
             ));
             return;
+        }
+        let Some(rev_nat_id) = self.shared.rev_nat.hold(frontend) else {
+            self.error(format!("{frontend}: the reverse-NAT map is full"));
+            self.shared.rev_nat.starved.insert(self.name.clone());
+            return;
         };
+        self.output.held.push(frontend);
         let rev_nat_id = rev_nat_id as u16;
-        self.state
+        self.output
             .rev_nat
-            .insert(rev_nat_id, RevNat::new(frontend.ip, frontend.port));
+            .push((rev_nat_id, RevNat::new(frontend.ip, frontend.port)));
         let mut flags = flags;
         if !source_ranges.is_empty() {
             flags |= SVC_SOURCE_RANGES;
-            let ranges = &mut self.state.source_ranges;
+            let ranges = &mut self.output.source_ranges;
             ranges.extend(source_ranges.iter().map(|&c| (rev_nat_id, c)));
             // Like kube-proxy: when the node may connect, so may the LB IP itself (the node's
             // own connections to it are assumed SNATed to it on the way back in).
@@ -350,7 +680,7 @@ impl Emitter<'_> {
                 .iter()
                 .any(|c| self.node.ips.iter().any(|&ip| c.contains(ip)))
             {
-                ranges.insert((
+                ranges.push((
                     rev_nat_id,
                     Ipv4Cidr {
                         address: frontend.ip,
@@ -359,8 +689,8 @@ impl Emitter<'_> {
                 ));
             }
         }
-        let affinity_timeout = common.spec.affinity_timeout.unwrap_or(0);
-        if common.spec.affinity_timeout.is_some() {
+        let affinity_timeout = self.spec.affinity_timeout.unwrap_or(0);
+        if self.spec.affinity_timeout.is_some() {
             flags |= SVC_AFFINITY;
         }
         let master = ServiceValue {
@@ -369,82 +699,72 @@ impl Emitter<'_> {
             affinity_timeout,
             ..Default::default()
         };
-        self.scope(common, frontend, SCOPE_EXTERNAL, master, backends);
+        self.scope(frontend, SCOPE_EXTERNAL, master, backends);
         if let Some(internal) = internal {
-            self.scope(common, frontend, SCOPE_INTERNAL, master, internal);
+            self.scope(frontend, SCOPE_INTERNAL, master, internal);
         }
     }
 
     fn scope(
         &mut self,
-        common: &Common,
         frontend: Frontend,
         scope: u8,
         master: ServiceValue,
         backends: &BTreeSet<Backend>,
     ) {
-        let name = common.name;
         let mut backends: Vec<Backend> = backends.iter().copied().collect();
         if backends.len() > MAX_BACKENDS_PER_SERVICE {
-            self.errors.push(ObjectError::new(
-                "Service",
-                name,
-                format!(
-                    "{frontend} has {} ready backends, more than the {MAX_BACKENDS_PER_SERVICE} a Service port can hold; using the first {MAX_BACKENDS_PER_SERVICE}",
-                    backends.len()
-                ),
+            self.error(format!(
+                "{frontend} has {} ready backends, more than the {MAX_BACKENDS_PER_SERVICE} a Service port can hold; using the first {MAX_BACKENDS_PER_SERVICE}",
+                backends.len()
             ));
             backends.truncate(MAX_BACKENDS_PER_SERVICE);
         }
         let mut slots = Vec::with_capacity(backends.len());
         for backend in backends {
-            match self.ids.backends.get(
-                backend,
-                &self.previous.backends,
-                u32::MAX,
-                BACKENDS_MAX_ENTRIES,
-            ) {
+            match self.shared.backends.hold(backend) {
                 Some(id) => slots.push((id, backend)),
-                None => self.errors.push(ObjectError::new(
-                    "Service",
-                    name,
-                    format!(
+                None => {
+                    self.error(format!(
                         "{frontend}: the backend map is full; {}:{} left out",
                         backend.ip(),
                         backend.host_port()
-                    ),
-                )),
+                    ));
+                    self.shared.backends.starved.insert(self.name.clone());
+                }
             }
         }
         let mut flags = master.flags;
-        if slots.is_empty() && common.any_endpoints {
+        if slots.is_empty() && self.any_endpoints {
             flags |= SVC_DROP_WHEN_EMPTY;
         }
-        self.state.services.insert(
+        self.output.services.push((
             frontend.key(scope, 0),
             ServiceValue {
                 count: slots.len() as u16,
                 flags,
                 ..master
             },
-        );
+        ));
         for (slot, (id, backend)) in (1..).zip(slots) {
-            self.state.backends.insert(id, backend);
+            self.output.backends.push((id, backend));
             let value = ServiceValue {
                 backend_id: id,
                 rev_nat_id: master.rev_nat_id,
                 ..Default::default()
             };
-            self.state.services.insert(frontend.key(scope, slot), value);
+            self.output
+                .services
+                .push((frontend.key(scope, slot), value));
         }
     }
 }
 
 /// The endpoints of one Service port: every endpoint address of the Service's slices, at the
 /// slice port with the same name and protocol; sorted and deduplicated, so slots are stable.
-fn endpoints_of(port: &ServicePort, slices: Option<&Vec<SliceEndpoints>>) -> PortEndpoints {
+fn endpoints_of(port: &ServicePort, slices: &[&SliceEndpoints]) -> PortEndpoints {
     let mut seen = BTreeMap::new();
-    for slice in slices.into_iter().flatten() {
+    for slice in slices {
         for p in slice
             .ports
             .iter()
@@ -459,48 +779,31 @@ fn endpoints_of(port: &ServicePort, slices: Option<&Vec<SliceEndpoints>>) -> Por
     seen.into_iter().collect()
 }
 
-/// The valid IPv4 EndpointSlices, grouped by the Service they belong to.
-fn slices_by_service(
-    cluster: &Cluster,
+/// What the proxy uses of an EndpointSlice: `None` for slices not managed for a Service, and
+/// IPv6/FQDN slices, which are not ours to program.
+fn slice_endpoints(
+    name: &ObjectName,
+    slice: &EndpointSlice,
     node: &Node,
-    errors: &mut Vec<ObjectError>,
-) -> BTreeMap<ObjectName, Vec<SliceEndpoints>> {
-    let mut by_service: BTreeMap<ObjectName, Vec<SliceEndpoints>> = BTreeMap::new();
-    for (name, slice) in &cluster.endpoint_slices {
-        // Slices not managed for a Service, and IPv6/FQDN slices, are not ours to program.
-        let Some(service) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        else {
-            continue;
-        };
-        if slice.address_type != "IPv4" {
-            continue;
-        }
-        match slice_endpoints(slice, node) {
-            Ok(endpoints) => by_service
-                .entry(ObjectName {
-                    namespace: name.namespace.clone(),
-                    name: service.clone(),
-                })
-                .or_default()
-                .push(endpoints),
-            Err(reason) => errors.push(ObjectError::new("EndpointSlice", name, reason)),
-        }
+) -> Result<Option<SliceEndpoints>, String> {
+    let Some(service) = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+    else {
+        return Ok(None);
+    };
+    if slice.address_type != "IPv4" {
+        return Ok(None);
     }
-    by_service
-}
-
-fn slice_endpoints(slice: &EndpointSlice, node: &Node) -> Result<SliceEndpoints, String> {
     let mut ports = Vec::new();
     for (i, p) in slice.ports.iter().flatten().enumerate() {
         let Some(number) = p.port else {
             return Err(format!("ports[{i}].port: missing"));
         };
         ports.push(SlicePort {
-            name: p.name.clone().unwrap_or_default(),
+            name: p.name.as_deref().unwrap_or_default().into(),
             port: port_number(number).map_err(|e| format!("ports[{i}].port: {e}"))?,
             proto: protocol(p.protocol.as_deref())
                 .map_err(|e| format!("ports[{i}].protocol: {e}"))?,
@@ -528,7 +831,15 @@ fn slice_endpoints(slice: &EndpointSlice, node: &Node) -> Result<SliceEndpoints,
             });
         }
     }
-    Ok(SliceEndpoints { ports, endpoints })
+    let service = ObjectName {
+        namespace: name.namespace.clone(),
+        name: service.as_str().into(),
+    };
+    Ok(Some(SliceEndpoints {
+        service,
+        ports,
+        endpoints,
+    }))
 }
 
 /// A Service with a ClusterIP, validated; `None` for headless and ExternalName Services.
@@ -560,7 +871,7 @@ fn service_spec(service: &Service) -> Result<Option<ServiceSpecV>, String> {
                 None => None,
             };
             Ok(ServicePort {
-                name: p.name.clone().unwrap_or_default(),
+                name: p.name.as_deref().unwrap_or_default().into(),
                 port: port_number(p.port).map_err(|e| format!("spec.ports[{i}].port: {e}"))?,
                 proto: protocol(p.protocol.as_deref())
                     .map_err(|e| format!("spec.ports[{i}].protocol: {e}"))?,
@@ -753,10 +1064,30 @@ mod tests {
     fn cluster(
         services: Vec<(ObjectName, Service)>,
         slices: Vec<(ObjectName, EndpointSlice)>,
-    ) -> Cluster {
-        Cluster {
-            services: services.into_iter().map(|(n, s)| (n, s.into())).collect(),
-            endpoint_slices: slices.into_iter().map(|(n, s)| (n, s.into())).collect(),
+    ) -> Changes {
+        Changes {
+            services: services.into_iter().map(|(n, s)| (n, Some(s))).collect(),
+            endpoint_slices: slices.into_iter().map(|(n, s)| (n, Some(s))).collect(),
+        }
+    }
+
+    /// A fresh compiler's maps, errors and health checks for `cluster`.
+    struct Compiled {
+        state: MapState,
+        errors: Vec<ObjectError>,
+        health_checks: BTreeMap<u16, HealthCheck>,
+    }
+
+    fn compile(cluster: Changes, node: &Node) -> Compiled {
+        let mut compiler = Compiler::new(node.clone());
+        compiler.stage(cluster);
+        let update = compiler.commit();
+        assert_eq!(update.before, MapState::default(), "nothing before");
+        assert_eq!(update.after, compiler.state(), "everything is new");
+        Compiled {
+            state: compiler.state(),
+            errors: update.errors,
+            health_checks: compiler.health_checks(),
         }
     }
 
@@ -782,7 +1113,7 @@ mod tests {
     fn compile_table() {
         let http = [("http", 80, "TCP")];
         let http_ep = [("http", 8080, "TCP")];
-        let cases: Vec<(&str, Cluster, Vec<&str>, Vec<&str>)> = vec![
+        let cases: Vec<(&str, Changes, Vec<&str>, Vec<&str>)> = vec![
             (
                 "ClusterIP with two ready endpoints",
                 cluster(
@@ -1162,7 +1493,7 @@ mod tests {
             ),
         ];
         for (name, cluster, want, want_errors) in cases {
-            let out = compile(&cluster, &node(), &Ids::default());
+            let out = compile(cluster, &node());
             assert_eq!(table(&out.state), want, "{name}");
             let errors: Vec<String> = out.errors.iter().map(ToString::to_string).collect();
             assert_eq!(errors, want_errors, "{name}");
@@ -1181,7 +1512,7 @@ mod tests {
                 slice("b-1", "b", &[("", 8080, "TCP")], &[("10.0.0.1", None)]),
             ],
         );
-        let out = compile(&c, &node(), &Ids::default());
+        let out = compile(c, &node());
         assert_eq!(out.state.backends.len(), 1);
         let ids: BTreeSet<u32> = out
             .state
@@ -1207,14 +1538,16 @@ mod tests {
                 vec![slice("web-1", "web", &ep, eps)],
             )
         };
-        let first = compile(
-            &with(&[("10.0.0.1", None), ("10.0.0.2", None)]),
-            &node(),
-            &Ids::default(),
-        );
-        let id_of = |out: &Compiled, ip: &str| {
+        let mut compiler = Compiler::new(node());
+        let mut step = |cluster: Changes| {
+            compiler.stage(cluster);
+            compiler.commit();
+            compiler.state()
+        };
+        let first = step(with(&[("10.0.0.1", None), ("10.0.0.2", None)]));
+        let id_of = |state: &MapState, ip: &str| {
             let ip: Ipv4Addr = ip.parse().unwrap();
-            out.state
+            state
                 .backends
                 .iter()
                 .find(|(_, b)| b.ip() == ip)
@@ -1223,18 +1556,14 @@ mod tests {
         let one = id_of(&first, "10.0.0.1").unwrap();
         let two = id_of(&first, "10.0.0.2").unwrap();
         // 10.0.0.2 goes, 10.0.0.3 arrives: 10.0.0.1 keeps its id, 10.0.0.3 does not get 10.0.0.2's.
-        let second = compile(
-            &with(&[("10.0.0.1", None), ("10.0.0.3", None)]),
-            &node(),
-            &first.ids,
-        );
+        let second = step(with(&[("10.0.0.1", None), ("10.0.0.3", None)]));
         assert_eq!(id_of(&second, "10.0.0.1"), Some(one));
         let three = id_of(&second, "10.0.0.3").unwrap();
         assert_ne!(three, two);
         assert_ne!(three, one);
         assert_eq!(
-            second.state.rev_nat.keys().collect::<Vec<_>>(),
-            first.state.rev_nat.keys().collect::<Vec<_>>()
+            second.rev_nat.keys().collect::<Vec<_>>(),
+            first.rev_nat.keys().collect::<Vec<_>>()
         );
     }
 
@@ -1249,7 +1578,7 @@ mod tests {
             vec![service("big", "10.96.0.10", &[("", 80, "TCP")])],
             vec![slice("big-1", "big", &[("", 8080, "TCP")], &eps)],
         );
-        let out = compile(&c, &node(), &Ids::default());
+        let out = compile(c, &node());
         let master = out
             .state
             .services
@@ -1294,7 +1623,7 @@ mod tests {
                 ],
             )],
         );
-        let out = compile(&c, &node(), &Ids::default());
+        let out = compile(c, &node());
         let want = BTreeMap::from([(
             31000,
             HealthCheck {

@@ -1,5 +1,5 @@
-//! The Service proxy: compile the cluster into map content, diff it against what the datapath
-//! holds, and write the difference.
+//! The Service proxy: compile changed objects into map content, diff it against what the
+//! datapath holds, and write the difference.
 mod compile;
 mod diff;
 mod state;
@@ -9,58 +9,77 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use compile::{Compiled, HealthCheck, Ids, compile};
+pub use compile::{Compiler, HealthCheck, Update};
 pub use diff::diff;
 pub use state::{Frontend, MapOp, MapState, proto_name};
 
 use crate::{
     datapath::Datapath,
-    model::{Cluster, Node, ObjectError},
+    model::{Changes, Node, ObjectError},
 };
 
 /// What one sync did.
 #[derive(Debug)]
 pub struct SyncReport {
     pub writes: usize,
+    /// What the objects compiled in this sync refused.
     pub errors: Vec<ObjectError>,
     /// The healthCheckNodePort servers the Services ask for, by port.
     pub health_checks: BTreeMap<u16, HealthCheck>,
-    pub elapsed: Duration,
+    /// Compiling the changes, and writing them.
+    pub compiled: Duration,
+    pub written: Duration,
 }
 
 /// Keeps what has been written, so each sync writes only the difference.
-#[derive(Default)]
 pub struct Proxy {
-    ids: Ids,
+    compiler: Compiler,
+    /// What the maps hold: after a failed write, the next sync diffs all of it.
     applied: MapState,
+    resync: bool,
 }
 
 impl Proxy {
-    pub fn sync(
-        &mut self,
-        cluster: &Cluster,
-        node: &Node,
-        datapath: &mut Datapath,
-    ) -> anyhow::Result<SyncReport> {
+    pub fn new(node: Node) -> Self {
+        Self {
+            compiler: Compiler::new(node),
+            applied: MapState::default(),
+            resync: false,
+        }
+    }
+
+    /// Takes in changes for the next sync (see `Compiler::stage`).
+    pub fn stage(&mut self, changes: Changes) {
+        self.compiler.stage(changes);
+    }
+
+    /// Compiles what was staged and writes the difference.
+    pub fn sync(&mut self, datapath: &mut Datapath) -> anyhow::Result<SyncReport> {
         let start = Instant::now();
-        let Compiled {
-            state,
-            ids,
-            health_checks,
+        let Update {
+            before,
+            after,
             errors,
-        } = compile(cluster, node, &self.ids);
-        self.ids = ids;
-        let ops = diff(&self.applied, &state);
+        } = self.compiler.commit();
+        let ops = if self.resync {
+            diff(&self.applied, &self.compiler.state())
+        } else {
+            diff(&before, &after)
+        };
+        let compiled = start.elapsed();
+        self.resync = true;
         for op in &ops {
             datapath.write(op)?;
             // Track each write as it lands: after a failure the next sync resumes from the truth.
             self.applied.apply(op);
         }
+        self.resync = false;
         Ok(SyncReport {
             writes: ops.len(),
             errors,
-            health_checks,
-            elapsed: start.elapsed(),
+            health_checks: self.compiler.health_checks(),
+            compiled,
+            written: start.elapsed() - compiled,
         })
     }
 }

@@ -1,13 +1,11 @@
 //! The standalone source: Kubernetes objects from `*.yaml`, `*.yml` and `*.json` files in a
-//! directory (multi-document YAML and `kind: List` allowed), reloaded whenever the directory
-//! changes.
+//! directory (multi-document YAML and `kind: List` allowed). After the first load only the
+//! files the watcher names are read again, and only the objects in them are reported changed.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt, fs,
-    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    sync::Arc,
-    time::{SystemTime, UNIX_EPOCH},
+    sync::{Arc, atomic::AtomicUsize, atomic::Ordering, mpsc as std_mpsc},
 };
 
 use anyhow::Context as _;
@@ -17,11 +15,14 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
     serde::{Deserialize as _, de::DeserializeOwned},
 };
-use notify::{RecursiveMode, Watcher as _};
+use notify::{
+    EventKind, RecursiveMode, Watcher as _,
+    event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode},
+};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use crate::model::{Cluster, ObjectName};
+use crate::model::{Changes, ObjectName};
 
 /// A file, or one object in it, that could not be used.
 #[derive(Debug, PartialEq, Eq)]
@@ -36,50 +37,80 @@ impl fmt::Display for FileError {
     }
 }
 
-/// The directory's content: the objects, the files or objects that were refused, and the kinds
-/// skipped because the agent does not use them.
+/// What reading some files found: the objects that changed, the files or objects that were
+/// refused, and the kinds skipped because the agent does not use them.
 #[derive(Debug, Default)]
 pub struct Loaded {
-    pub cluster: Cluster,
+    pub changes: Changes,
     pub errors: Vec<FileError>,
     pub skipped: Vec<String>,
-    /// Files read and parsed for this load (the others were unchanged).
+    /// Files read and parsed.
     pub parsed: usize,
 }
 
-/// Reads every manifest in `dir` once (see `ManifestDir` for reading it again and again).
+impl Loaded {
+    fn extend(&mut self, later: Loaded) {
+        self.changes.extend(later.changes);
+        self.errors.extend(later.errors);
+        self.skipped.extend(later.skipped);
+        self.parsed += later.parsed;
+    }
+}
+
+/// Reads every manifest in `dir` once (see `ManifestDir` for following it).
 pub fn load(dir: &Path) -> anyhow::Result<Loaded> {
     ManifestDir::new(dir).load()
 }
 
-/// A manifest directory and what each file held when last read. A file is parsed again only
-/// when its size, modification time or inode changed, so a change to one file among thousands
-/// costs one parse.
+/// A manifest directory and which objects each file defined when last read; the objects
+/// themselves go to the proxy, which keeps what it needs of them.
 pub struct ManifestDir {
     dir: PathBuf,
-    files: BTreeMap<PathBuf, (Stamp, Result<Vec<Object>, String>)>,
+    files: BTreeMap<Arc<Path>, Vec<Key>>,
+    /// The files defining each object, in name order: the first one's definition counts.
+    defined: BTreeMap<Key, Vec<Arc<Path>>>,
 }
 
-/// What tells a file changed: an edit in place moves the mtime, a rename brings a new inode.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    len: u64,
-    modified: SystemTime,
-    inode: u64,
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Service,
+    EndpointSlice,
 }
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Service => Service::KIND,
+            Kind::EndpointSlice => EndpointSlice::KIND,
+        }
+    }
+}
+
+type Key = (Kind, ObjectName);
+
+/// A file as read: `None` when it is gone (or not a file), its objects, or why it is refused.
+type FileRead = Option<Result<Vec<Object>, String>>;
 
 impl ManifestDir {
     pub fn new(dir: &Path) -> Self {
         Self {
             dir: dir.to_owned(),
             files: BTreeMap::new(),
+            defined: BTreeMap::new(),
         }
     }
 
-    /// Every manifest in the directory, in file-name order. A file that cannot be read or
-    /// parsed is reported and contributes nothing; the other files are unaffected.
+    /// Reads every manifest in the directory (and forgets files gone from it).
     pub fn load(&mut self) -> anyhow::Result<Loaded> {
-        let mut paths: Vec<PathBuf> = fs::read_dir(&self.dir)
+        let mut all = Loaded::default();
+        self.load_each(&mut |loaded| all.extend(loaded))?;
+        Ok(all)
+    }
+
+    /// As `load`, handing over what each file held as soon as it is read: the objects of the
+    /// whole directory are never all in memory at once.
+    pub fn load_each(&mut self, sink: &mut dyn FnMut(Loaded)) -> anyhow::Result<()> {
+        let mut paths: BTreeSet<PathBuf> = fs::read_dir(&self.dir)
             .with_context(|| format!("reading manifest directory {}", self.dir.display()))?
             .filter_map(Result::ok)
             // The entry's own type costs no stat; symlinks count (ConfigMap volumes use them).
@@ -87,89 +118,168 @@ impl ManifestDir {
             .map(|e| e.path())
             .filter(|p| is_manifest(p))
             .collect();
-        paths.sort();
-        let mut loaded = Loaded::default();
-        let mut files = BTreeMap::new();
-        for path in paths {
-            let stamp = fs::metadata(&path).ok().map(|m| Stamp {
-                len: m.len(),
-                modified: m.modified().unwrap_or(UNIX_EPOCH),
-                inode: m.ino(),
-            });
-            let cached = self
-                .files
-                .remove(&path)
-                .filter(|(old, _)| Some(*old) == stamp);
-            let entry = match (cached, stamp) {
-                (Some(entry), _) => entry,
-                (None, stamp) => {
-                    loaded.parsed += 1;
-                    let objects = match fs::read_to_string(&path) {
-                        Ok(text) => parse(&path, &text),
-                        Err(e) => Err(format!("cannot read: {e}")),
-                    };
-                    (
-                        stamp.unwrap_or(Stamp {
-                            len: 0,
-                            modified: UNIX_EPOCH,
-                            inode: 0,
-                        }),
-                        objects,
-                    )
-                }
-            };
-            files.insert(path, entry);
-        }
-        // Files gone from the directory are dropped here with what they held.
-        self.files = files;
-        let mut origin: BTreeMap<(&'static str, &ObjectName), &Path> = BTreeMap::new();
-        for (path, (_, objects)) in &self.files {
-            let objects = match objects {
-                Ok(objects) => objects,
-                Err(reason) => {
-                    loaded.errors.push(FileError {
-                        path: path.clone(),
-                        reason: reason.clone(),
-                    });
-                    continue;
-                }
-            };
-            for object in objects {
-                let (kind, name) = match object {
-                    Object::Service(name, _) => (Service::KIND, name),
-                    Object::EndpointSlice(name, _) => (EndpointSlice::KIND, name),
-                    Object::Skipped(what) => {
-                        loaded.skipped.push(format!("{}: {what}", path.display()));
-                        continue;
+        paths.extend(self.files.keys().map(|p| p.to_path_buf()));
+        self.read(paths.into_iter().collect(), sink);
+        Ok(())
+    }
+
+    /// Reads `paths` again (those of manifests in the directory; others are ignored): each
+    /// one's objects as applied, and those it no longer defines as deleted.
+    pub fn reload(&mut self, paths: BTreeSet<PathBuf>) -> Loaded {
+        let paths = paths
+            .into_iter()
+            .filter(|p| p.parent() == Some(self.dir.as_path()) && is_manifest(p))
+            .collect();
+        let mut all = Loaded::default();
+        self.read(paths, &mut |loaded| all.extend(loaded));
+        all
+    }
+
+    /// Reads and parses `paths` (sorted) on every core, and takes them in, in order.
+    fn read(&mut self, paths: Vec<PathBuf>, sink: &mut dyn FnMut(Loaded)) {
+        let mut affected = BTreeSet::new();
+        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        let next = AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            let (done, results) = std_mpsc::channel();
+            for _ in 0..threads.min(paths.len()) {
+                let done = done.clone();
+                let (next, paths) = (&next, &paths);
+                scope.spawn(move || {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(path) = paths.get(i) else { break };
+                        if done.send((i, read_file(path))).is_err() {
+                            break;
+                        }
                     }
-                };
-                if let Some(first) = origin.get(&(kind, name)) {
-                    loaded.errors.push(FileError {
-                        path: path.clone(),
-                        reason: format!(
-                            "{kind} {name} is already defined in {}; keeping that one",
-                            first.display()
-                        ),
-                    });
-                    continue;
-                }
-                origin.insert((kind, name), path);
-                match object {
-                    Object::Service(name, s) => {
-                        loaded.cluster.services.insert(name.clone(), Arc::clone(s));
-                    }
-                    Object::EndpointSlice(name, s) => {
-                        loaded
-                            .cluster
-                            .endpoint_slices
-                            .insert(name.clone(), Arc::clone(s));
-                    }
-                    Object::Skipped(_) => {}
+                });
+            }
+            drop(done);
+            // Taken in in path order, whichever thread finished first: the first file keeps
+            // an object defined twice.
+            let mut ready = BTreeMap::new();
+            let mut taken = 0;
+            for (i, read) in results {
+                ready.insert(i, read);
+                while let Some(read) = ready.remove(&taken) {
+                    sink(self.take_in(&paths[taken], read, &mut affected));
+                    taken += 1;
                 }
             }
-        }
-        Ok(loaded)
+        });
+        sink(self.settle(affected));
     }
+
+    /// Replaces what `path` defined with what it holds now. Objects it defined first and no
+    /// longer does are added to `affected`.
+    fn take_in(&mut self, path: &Path, read: FileRead, affected: &mut BTreeSet<Key>) -> Loaded {
+        let mut loaded = Loaded::default();
+        let path: Arc<Path> = path.into();
+        for key in self.files.remove(&path).into_iter().flatten() {
+            let files = self
+                .defined
+                .get_mut(&key)
+                .expect("a file's object is defined");
+            if files[0] == path {
+                affected.insert(key.clone());
+            }
+            files.retain(|p| *p != path);
+            if files.is_empty() {
+                self.defined.remove(&key);
+            }
+        }
+        let objects = match read {
+            None => return loaded,
+            Some(Err(reason)) => {
+                loaded.parsed += 1;
+                loaded.errors.push(FileError {
+                    path: path.to_path_buf(),
+                    reason,
+                });
+                return loaded;
+            }
+            Some(Ok(objects)) => objects,
+        };
+        loaded.parsed += 1;
+        let mut keys = Vec::with_capacity(objects.len());
+        for object in objects {
+            let key = match &object {
+                Object::Service(name, _) => (Kind::Service, name.clone()),
+                Object::EndpointSlice(name, _) => (Kind::EndpointSlice, name.clone()),
+                Object::Skipped(what) => {
+                    loaded.skipped.push(format!("{}: {what}", path.display()));
+                    continue;
+                }
+            };
+            let files = self.defined.entry(key.clone()).or_default();
+            // Already there: defined twice in this very file.
+            let twice = match files.binary_search(&path) {
+                Ok(_) => true,
+                Err(at) => {
+                    files.insert(at, Arc::clone(&path));
+                    false
+                }
+            };
+            if !twice {
+                keys.push(key.clone());
+            }
+            if twice || files[0] != path {
+                loaded.errors.push(FileError {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "{} {} is already defined in {}; keeping that one",
+                        key.0.name(),
+                        key.1,
+                        files[0].display()
+                    ),
+                });
+                continue;
+            }
+            affected.remove(&key);
+            object.apply(&mut loaded.changes);
+        }
+        self.files.insert(path, keys);
+        loaded
+    }
+
+    /// The objects whose defining file gave them up: deleted, or taken from the file that
+    /// defines them now (read again, for that is rare: an object defined twice).
+    fn settle(&mut self, affected: BTreeSet<Key>) -> Loaded {
+        let mut loaded = Loaded::default();
+        for key in affected {
+            let now = self.defined.get(&key).map(|files| Arc::clone(&files[0]));
+            let object = now.and_then(|path| {
+                loaded.parsed += 1;
+                let objects = read_file(&path)?.ok()?;
+                objects.into_iter().find(|o| o.key().as_ref() == Some(&key))
+            });
+            match object {
+                Some(object) => object.apply(&mut loaded.changes),
+                None => match key {
+                    (Kind::Service, name) => {
+                        loaded.changes.services.insert(name, None);
+                    }
+                    (Kind::EndpointSlice, name) => {
+                        loaded.changes.endpoint_slices.insert(name, None);
+                    }
+                },
+            }
+        }
+        loaded
+    }
+}
+
+fn read_file(path: &Path) -> FileRead {
+    // A symlink counts as the file it names.
+    if !fs::metadata(path).is_ok_and(|m| m.is_file()) {
+        return None;
+    }
+    Some(match fs::read_to_string(path) {
+        Ok(text) => parse(path, &text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => Err(format!("cannot read: {e}")),
+    })
 }
 
 fn is_manifest(path: &Path) -> bool {
@@ -179,12 +289,33 @@ fn is_manifest(path: &Path) -> bool {
     )
 }
 
-#[derive(Clone)]
 enum Object {
-    Service(ObjectName, Arc<Service>),
-    EndpointSlice(ObjectName, Arc<EndpointSlice>),
+    Service(ObjectName, Service),
+    EndpointSlice(ObjectName, EndpointSlice),
     /// A kind the agent does not use: `apiVersion/kind name`.
     Skipped(String),
+}
+
+impl Object {
+    fn key(&self) -> Option<Key> {
+        match self {
+            Object::Service(name, _) => Some((Kind::Service, name.clone())),
+            Object::EndpointSlice(name, _) => Some((Kind::EndpointSlice, name.clone())),
+            Object::Skipped(_) => None,
+        }
+    }
+
+    fn apply(self, changes: &mut Changes) {
+        match self {
+            Object::Service(name, s) => {
+                changes.services.insert(name, Some(s));
+            }
+            Object::EndpointSlice(name, s) => {
+                changes.endpoint_slices.insert(name, Some(s));
+            }
+            Object::Skipped(_) => {}
+        }
+    }
 }
 
 /// Parses one file. Any error refuses the whole file, so a half-written file never programs
@@ -208,7 +339,7 @@ fn parse(path: &Path, text: &str) -> Result<Vec<Object>, String> {
     Ok(objects)
 }
 
-fn typed(document: Value, out: &mut Vec<Object>) -> Result<(), String> {
+fn typed(mut document: Value, out: &mut Vec<Object>) -> Result<(), String> {
     let field = |name: &str| {
         document
             .get(name)
@@ -221,14 +352,14 @@ fn typed(document: Value, out: &mut Vec<Object>) -> Result<(), String> {
     match (api_version.as_str(), kind.as_str()) {
         (Service::API_VERSION, Service::KIND) => {
             let (name, s) = object::<Service>(document, |s| &s.metadata)?;
-            out.push(Object::Service(name, Arc::new(s)));
+            out.push(Object::Service(name, s));
         }
         (EndpointSlice::API_VERSION, EndpointSlice::KIND) => {
             let (name, s) = object::<EndpointSlice>(document, |s| &s.metadata)?;
-            out.push(Object::EndpointSlice(name, Arc::new(s)));
+            out.push(Object::EndpointSlice(name, s));
         }
         ("v1", "List") => {
-            let Some(Value::Array(items)) = document.get("items").cloned() else {
+            let Some(Value::Array(items)) = document.get_mut("items").map(Value::take) else {
                 return Err("List: items must be a list".into());
             };
             for (i, item) in items.into_iter().enumerate() {
@@ -263,18 +394,54 @@ fn object<K: Resource + DeserializeOwned>(
     let Some(name) = meta.name.clone().filter(|n| !n.is_empty()) else {
         return Err(format!("{what}: metadata.name is required"));
     };
-    let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
+    let namespace = meta.namespace.as_deref().unwrap_or("default").into();
+    let name = name.into();
     Ok((ObjectName { namespace, name }, object))
 }
 
-/// Watches `dir` and sends a unit on every change; keep the returned watcher alive.
+/// What the watcher saw change.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Watched {
+    /// A file written and closed, renamed in or out, or deleted: read it again.
+    Path(PathBuf),
+    /// Anything else that may change what the files hold (a directory renamed in, as a
+    /// ConfigMap volume swaps its `..data` symlink, or lost events): read them all again.
+    Everything,
+}
+
+/// Watches `dir` and reports complete changes only, so a half-written file is never read: a
+/// close after writing, a rename in or out, a delete. Keep the returned watcher alive.
 pub fn watch(
     dir: &Path,
-    changed: mpsc::UnboundedSender<()>,
+    changed: mpsc::UnboundedSender<Watched>,
 ) -> anyhow::Result<notify::RecommendedWatcher> {
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok_and(|e| !e.kind.is_access()) {
-            let _ = changed.send(());
+        let event = match event {
+            Ok(event) if !event.need_rescan() => event,
+            _ => {
+                let _ = changed.send(Watched::Everything);
+                return;
+            }
+        };
+        let complete = match event.kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Modify(ModifyKind::Name(RenameMode::From | RenameMode::To))
+            | EventKind::Remove(_) => true,
+            // A symlink is complete when created; a file only once written.
+            EventKind::Create(CreateKind::File | CreateKind::Other) => {
+                event.paths.iter().all(|p| p.is_symlink())
+            }
+            _ => false,
+        };
+        if !complete {
+            return;
+        }
+        for path in event.paths {
+            let _ = changed.send(if path.is_dir() {
+                Watched::Everything
+            } else {
+                Watched::Path(path)
+            });
         }
     })?;
     watcher
@@ -316,14 +483,14 @@ mod tests {
         let loaded = load(dir.path()).unwrap();
         assert_eq!(loaded.errors, vec![]);
         let services: Vec<String> = loaded
-            .cluster
+            .changes
             .services
             .keys()
             .map(ToString::to_string)
             .collect();
         assert_eq!(services, ["default/web", "kube-system/api"]);
         let slices: Vec<String> = loaded
-            .cluster
+            .changes
             .endpoint_slices
             .keys()
             .map(ToString::to_string)
@@ -354,7 +521,7 @@ mod tests {
         );
         write(dir.path(), "dup.yaml", SERVICE);
         let loaded = load(dir.path()).unwrap();
-        assert_eq!(loaded.cluster.services.len(), 1);
+        assert_eq!(loaded.changes.services.len(), 1);
         let errors: Vec<String> = loaded.errors.iter().map(|e| e.to_string()).collect();
         let has =
             |file: &str, text: &str| errors.iter().any(|e| e.contains(file) && e.contains(text));
@@ -371,56 +538,144 @@ mod tests {
         assert_eq!(errors.len(), 4, "{errors:?}");
     }
 
+    fn service(name: &str, ip: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n"
+        )
+    }
+
+    /// Each changed Service and its ClusterIP, or "deleted".
+    fn changed(loaded: &Loaded) -> Vec<(String, String)> {
+        loaded
+            .changes
+            .services
+            .iter()
+            .map(|(name, s)| {
+                let ip = s.as_ref().map_or("deleted".into(), |s| {
+                    s.spec.as_ref().unwrap().cluster_ip.clone().unwrap()
+                });
+                (name.name.to_string(), ip)
+            })
+            .collect()
+    }
+
+    fn pair(name: &str, ip: &str) -> (String, String) {
+        (name.into(), ip.into())
+    }
+
     #[test]
-    fn only_changed_files_are_parsed_again() {
+    fn only_the_paths_named_are_read_again() {
         let dir = tempfile::tempdir().unwrap();
-        let service = |name: &str, ip: &str| {
-            format!(
-                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n"
-            )
-        };
+        let path = |name: &str| dir.path().join(name);
         write(dir.path(), "a.yaml", &service("a", "10.96.0.1"));
         write(dir.path(), "b.yaml", &service("b", "10.96.0.2"));
         write(dir.path(), "c.yaml", &service("c", "10.96.0.3"));
         let mut manifests = ManifestDir::new(dir.path());
-        let ip_of = |loaded: &Loaded, name: &str| {
-            let key = ObjectName {
-                namespace: "default".into(),
-                name: name.into(),
-            };
-            loaded.cluster.services[&key]
-                .spec
-                .as_ref()
+        let first = manifests.load().unwrap();
+        assert_eq!(first.parsed, 3);
+        assert_eq!(changed(&first).len(), 3);
+
+        // Files not named are not read, even when they changed.
+        write(dir.path(), "c.yaml", &service("c", "10.96.0.30"));
+        let nothing = manifests.reload(BTreeSet::new());
+        assert_eq!((nothing.parsed, changed(&nothing)), (0, vec![]));
+
+        // Replaced through a rename, as tools do: only that file is read.
+        let tmp = path(".b.tmp");
+        fs::write(&tmp, service("b", "10.96.0.9")).unwrap();
+        fs::rename(&tmp, path("b.yaml")).unwrap();
+        let renamed = manifests.reload(BTreeSet::from([tmp, path("b.yaml")]));
+        assert_eq!(renamed.parsed, 1);
+        assert_eq!(changed(&renamed), [pair("b", "10.96.0.9")]);
+
+        // Written in place.
+        write(dir.path(), "a.yaml", &service("a", "10.96.0.11"));
+        let in_place = manifests.reload(BTreeSet::from([path("a.yaml")]));
+        assert_eq!(changed(&in_place), [pair("a", "10.96.0.11")]);
+
+        // Deleted: its objects go, nothing is parsed.
+        fs::remove_file(path("c.yaml")).unwrap();
+        let removed = manifests.reload(BTreeSet::from([path("c.yaml")]));
+        assert_eq!(
+            (removed.parsed, changed(&removed)),
+            (0, vec![pair("c", "deleted")])
+        );
+
+        // Moved to another name: the object stays, from its new file.
+        fs::rename(path("a.yaml"), path("d.yaml")).unwrap();
+        let moved = manifests.reload(BTreeSet::from([path("a.yaml"), path("d.yaml")]));
+        assert_eq!(changed(&moved), [pair("a", "10.96.0.11")]);
+        fs::remove_file(path("a.yaml")).unwrap_err();
+    }
+
+    #[test]
+    fn an_object_defined_twice_comes_from_the_first_file_still_defining_it() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.yaml", &service("web", "10.96.0.1"));
+        write(dir.path(), "b.yaml", &service("web", "10.96.0.2"));
+        let mut manifests = ManifestDir::new(dir.path());
+        let first = manifests.load().unwrap();
+        assert_eq!(changed(&first), [pair("web", "10.96.0.1")]);
+        assert_eq!(first.errors.len(), 1, "{:?}", first.errors);
+
+        // b.yaml changes but a.yaml still wins.
+        write(dir.path(), "b.yaml", &service("web", "10.96.0.3"));
+        let ignored = manifests.reload(BTreeSet::from([dir.path().join("b.yaml")]));
+        assert_eq!(changed(&ignored), []);
+        assert_eq!(ignored.errors.len(), 1);
+
+        // a.yaml goes: b.yaml's definition takes over.
+        fs::remove_file(dir.path().join("a.yaml")).unwrap();
+        let taken_over = manifests.reload(BTreeSet::from([dir.path().join("a.yaml")]));
+        assert_eq!(changed(&taken_over), [pair("web", "10.96.0.3")]);
+        assert_eq!(taken_over.errors, []);
+
+        // A file that no longer parses gives its objects up.
+        write(dir.path(), "b.yaml", "kind: [");
+        let broken = manifests.reload(BTreeSet::from([dir.path().join("b.yaml")]));
+        assert_eq!(changed(&broken), [pair("web", "deleted")]);
+        assert_eq!(broken.errors.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_watcher_reports_complete_writes_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let _watcher = watch(dir.path(), tx).unwrap();
+        let next = async |rx: &mut mpsc::UnboundedReceiver<Watched>| {
+            tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+                .await
                 .unwrap()
-                .cluster_ip
-                .clone()
                 .unwrap()
         };
+        let path = |name: &str| Watched::Path(dir.path().join(name));
 
-        let first = manifests.load().unwrap();
-        assert_eq!((first.parsed, first.cluster.services.len()), (3, 3));
-        let again = manifests.load().unwrap();
-        assert_eq!(
-            (again.parsed, again.cluster.services.len()),
-            (0, 3),
-            "nothing changed, nothing parsed"
-        );
+        // Opened, half written: nothing yet; reported when closed.
+        let mut file = fs::File::create(dir.path().join("a.yaml")).unwrap();
+        std::io::Write::write_all(&mut file, b"apiVersion: v1\n").unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(rx.try_recv().is_err(), "nothing before the file is closed");
+        drop(file);
+        assert_eq!(next(&mut rx).await, path("a.yaml"));
 
-        // Replaced through a rename, as tools do: a new inode even at the same size and second.
-        let tmp = dir.path().join(".b.tmp");
-        fs::write(&tmp, service("b", "10.96.0.9")).unwrap();
-        fs::rename(&tmp, dir.path().join("b.yaml")).unwrap();
-        let changed = manifests.load().unwrap();
-        assert_eq!(changed.parsed, 1);
-        assert_eq!(ip_of(&changed, "b"), "10.96.0.9");
-        assert_eq!(ip_of(&changed, "a"), "10.96.0.1");
+        // Renamed in: the temporary file when closed, then both names of the rename.
+        fs::write(dir.path().join(".b.tmp"), "x").unwrap();
+        fs::rename(dir.path().join(".b.tmp"), dir.path().join("b.yaml")).unwrap();
+        assert_eq!(next(&mut rx).await, path(".b.tmp"));
+        assert_eq!(next(&mut rx).await, path(".b.tmp"));
+        assert_eq!(next(&mut rx).await, path("b.yaml"));
 
-        fs::remove_file(dir.path().join("c.yaml")).unwrap();
-        let removed = manifests.load().unwrap();
-        assert_eq!(
-            (removed.parsed, removed.cluster.services.len()),
-            (0, 2),
-            "a removed file takes its objects along"
-        );
+        fs::remove_file(dir.path().join("a.yaml")).unwrap();
+        assert_eq!(next(&mut rx).await, path("a.yaml"));
+
+        // A directory renamed in (a ConfigMap volume's `..data`): everything.
+        fs::create_dir(dir.path().join("..data_tmp")).unwrap();
+        fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
+        loop {
+            match next(&mut rx).await {
+                Watched::Everything => break,
+                Watched::Path(p) => assert!(p.ends_with("..data_tmp"), "{p:?}"),
+            }
+        }
     }
 }

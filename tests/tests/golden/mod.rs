@@ -186,9 +186,9 @@ impl Fixture {
         assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
         let pins = Path::new("/sys/fs/bpf").join(unique("golden"));
         let mut datapath = Datapath::load(&pins, config).unwrap();
-        let report = Proxy::default()
-            .sync(&loaded.cluster, node, &mut datapath)
-            .unwrap();
+        let mut proxy = Proxy::new(node.clone());
+        proxy.stage(loaded.changes);
+        let report = proxy.sync(&mut datapath).unwrap();
         assert!(report.errors.is_empty(), "{:?}", report.errors);
         Self { datapath }
     }
