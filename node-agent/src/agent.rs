@@ -3,6 +3,7 @@ use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
+    time::Instant,
 };
 
 use anyhow::Context as _;
@@ -119,12 +120,17 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         health_checks: ServiceHealthServers::default(),
     };
     // The first load hands each file's objects to the proxy as soon as it is parsed.
-    let mut files = 0;
+    let (start, mut files) = (Instant::now(), 0);
     state.manifests.load_each(&mut |loaded| {
         files += loaded.parsed;
         report(&loaded);
         state.proxy.stage(loaded.changes);
     })?;
+    info!(
+        files,
+        elapsed_us = start.elapsed().as_micros() as u64,
+        "manifests loaded"
+    );
     state.sync(files).await.context("first sync")?;
     health.synced();
 
