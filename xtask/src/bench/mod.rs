@@ -150,38 +150,39 @@ pub fn run(agent_binary: &Path, args: BenchArgs) -> anyhow::Result<()> {
         }
     };
     let progress = Progress(Instant::now());
-    let (mut rows, mut skipped) = (Vec::new(), Vec::new());
+    let (mut rows, mut skipped) = (Vec::new(), Skipped::default());
     println!("{}\n{}", report::HEADER, report::UNITS);
     for &scale in &plan.scales {
         let services = services(scale);
         let mut beds = Vec::new();
         for mode in Mode::ALL {
             if let Some(reason) = skip(mode, scale, args.nftables_max_services) {
-                progress.say(format_args!(
-                    "{scale} services, {}: skipped, {reason}",
-                    mode.name()
-                ));
-                skipped.push(json!({"services": scale, "mode": mode.name(), "reason": reason}));
+                skipped.add(&progress, scale, mode, reason);
                 continue;
             }
             progress.say(format_args!(
                 "{scale} services, {}: setting up",
                 mode.name()
             ));
-            let bed = bed(agent_binary, mode, &services)?;
-            if let Some(took) = bed.full_sync {
-                progress.say(format_args!(
-                    "{scale} services, {}: full sync took {:.3} s",
-                    mode.name(),
-                    took.as_secs_f64()
-                ));
+            match bed(agent_binary, mode, &services) {
+                Ok(bed) => {
+                    if let Some(took) = bed.full_sync {
+                        progress.say(format_args!(
+                            "{scale} services, {}: full sync took {:.3} s",
+                            mode.name(),
+                            took.as_secs_f64()
+                        ));
+                    }
+                    beds.push(bed);
+                }
+                Err(e) => skipped.add(&progress, scale, mode, format!("setting up failed: {e:#}")),
             }
-            beds.push(bed);
         }
         // Interleaved rounds: a noisy moment hits every mode alike. Round 0 warms up caches,
         // conntrack and the backends, and is thrown away.
         for round in 0..=plan.rounds {
-            for bed in &mut beds {
+            let mut failed = Vec::new();
+            for (i, bed) in beds.iter_mut().enumerate() {
                 progress.say(format_args!(
                     "{scale} services, {}: {}",
                     bed.mode.name(),
@@ -200,12 +201,18 @@ pub fn run(agent_binary: &Path, args: BenchArgs) -> anyhow::Result<()> {
                         udp_rr(target, per_round)?,
                     ))
                 })?;
-                let (crr, rr, udp) = batch.with_context(|| format!("mode {}", bed.mode.name()))?;
-                if round > 0 {
-                    bed.crr.extend(crr);
-                    bed.rr.extend(rr);
-                    bed.udp.extend(udp);
+                match batch {
+                    Ok(_) if round == 0 => {}
+                    Ok((crr, rr, udp)) => {
+                        bed.crr.extend(crr);
+                        bed.rr.extend(rr);
+                        bed.udp.extend(udp);
+                    }
+                    Err(e) => failed.push((i, format!("traffic failed: {e:#}"))),
                 }
+            }
+            for (i, reason) in failed.into_iter().rev() {
+                skipped.add(&progress, scale, beds.remove(i).mode, reason);
             }
         }
         for bed in &beds {
@@ -251,7 +258,7 @@ pub fn run(agent_binary: &Path, args: BenchArgs) -> anyhow::Result<()> {
     let path = args.out.join("report.json");
     fs::write(
         &path,
-        serde_json::to_string_pretty(&json!({"results": rows, "skipped": skipped}))?,
+        serde_json::to_string_pretty(&json!({"results": rows, "skipped": skipped.0}))?,
     )?;
     let svg = args.out.join("bench.svg");
     plot::draw(&rows, &svg)?;
@@ -259,7 +266,22 @@ pub fn run(agent_binary: &Path, args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Why `mode` is left out at `scale`, if it is.
+/// The modes left out of a scale, and why: a long run goes on without them.
+#[derive(Default)]
+struct Skipped(Vec<serde_json::Value>);
+
+impl Skipped {
+    fn add(&mut self, progress: &Progress, scale: usize, mode: Mode, reason: String) {
+        progress.say(format_args!(
+            "{scale} services, {}: left out, {reason}",
+            mode.name()
+        ));
+        self.0
+            .push(json!({"services": scale, "mode": mode.name(), "reason": reason}));
+    }
+}
+
+/// Why `mode` is left out at `scale` from the start, if it is.
 fn skip(mode: Mode, scale: usize, nftables_max: usize) -> Option<String> {
     (mode == Mode::Nftables && scale > nftables_max).then(|| {
         format!(
@@ -348,6 +370,16 @@ fn bed(agent_binary: &Path, mode: Mode, services: &[BenchService]) -> anyhow::Re
                 .context("node-agent logged no \"synced\" line")?;
             let logged = footprint::logged_sync_us(&[line])
                 .context("no elapsed_us in node-agent's \"synced\" line")?;
+            // An object the agent could not hold (a full map) would fail later as refused
+            // connections: say so now. Its warning is logged before "synced".
+            let refused: Vec<String> = started
+                .logs()
+                .into_iter()
+                .filter(|l| l.contains("refused"))
+                .collect();
+            if let Some(first) = refused.first() {
+                bail!("node-agent refused {} objects, e.g. {first}", refused.len());
+            }
             agent_sync = Some((
                 Duration::from_micros(logged),
                 footprint::rss(started.pid())?,
