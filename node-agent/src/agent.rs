@@ -16,6 +16,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     datapath::Datapath,
     health::{self, ServiceHealthServers},
+    memory,
     model::{Ipv4Cidr, Node},
     proxy::Proxy,
     source::manifest::{self, ManifestDir, Watched},
@@ -131,7 +132,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         elapsed_us = start.elapsed().as_micros() as u64,
         "manifests loaded"
     );
+    memory::release();
     state.sync(files).await.context("first sync")?;
+    memory::release();
     health.synced();
 
     loop {

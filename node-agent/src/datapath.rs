@@ -71,6 +71,11 @@ impl Hook {
 pub struct Datapath {
     ebpf: Ebpf,
     _pins: Pins,
+    maps: ServiceMaps,
+}
+
+/// The maps the agent writes.
+struct ServiceMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, Backend>,
     rev_nat: HashMap<MapData, u16, RevNat>,
@@ -116,19 +121,12 @@ impl Datapath {
                 .load()
                 .with_context(|| format!("loading {name} into the kernel"))?;
         }
-        let mut take = |name: &str| {
+        let maps = ServiceMaps::take(|name| {
             ebpf.take_map(name)
                 .with_context(|| format!("the eBPF object has no map {name}"))
-        };
-        let (services, backends, rev_nat) =
-            (take(SERVICES_MAP)?, take(BACKENDS_MAP)?, take(REV_NAT_MAP)?);
-        let (source_ranges, cluster_ips) = (take(SOURCE_RANGES_MAP)?, take(CLUSTER_IPS_MAP)?);
+        })?;
         Ok(Self {
-            services: services.try_into()?,
-            backends: backends.try_into()?,
-            rev_nat: rev_nat.try_into()?,
-            source_ranges: source_ranges.try_into()?,
-            cluster_ips: cluster_ips.try_into()?,
+            maps,
             ebpf,
             _pins: pins,
         })
@@ -153,26 +151,29 @@ impl Datapath {
     }
 
     pub fn write(&mut self, op: &MapOp) -> anyhow::Result<()> {
+        let m = &mut self.maps;
         match *op {
-            MapOp::PutBackend(id, backend) => self.backends.insert(id, backend, 0),
-            MapOp::PutRevNat(id, rev_nat) => self.rev_nat.insert(id, rev_nat, 0),
+            MapOp::PutBackend(id, backend) => m.backends.insert(id, backend, 0),
+            MapOp::PutRevNat(id, rev_nat) => m.rev_nat.insert(id, rev_nat, 0),
             MapOp::PutSourceRange(id, cidr) => {
-                self.source_ranges.insert(&source_range_key(id, cidr), 1, 0)
+                m.source_ranges.insert(&source_range_key(id, cidr), 1, 0)
             }
-            MapOp::PutService(key, value) => self.services.insert(key, value, 0),
-            MapOp::DeleteService(key) => self.services.remove(&key),
+            MapOp::PutService(key, value) => m.services.insert(key, value, 0),
+            MapOp::DeleteService(key) => m.services.remove(&key),
             MapOp::DeleteSourceRange(id, cidr) => {
-                self.source_ranges.remove(&source_range_key(id, cidr))
+                m.source_ranges.remove(&source_range_key(id, cidr))
             }
-            MapOp::PutClusterIp(ip) => {
-                self.cluster_ips
-                    .insert(u32::from_ne_bytes(ip.octets()), 1, 0)
-            }
-            MapOp::DeleteClusterIp(ip) => self.cluster_ips.remove(&u32::from_ne_bytes(ip.octets())),
-            MapOp::DeleteRevNat(id) => self.rev_nat.remove(&id),
-            MapOp::DeleteBackend(id) => self.backends.remove(&id),
+            MapOp::PutClusterIp(ip) => m.cluster_ips.insert(u32::from_ne_bytes(ip.octets()), 1, 0),
+            MapOp::DeleteClusterIp(ip) => m.cluster_ips.remove(&u32::from_ne_bytes(ip.octets())),
+            MapOp::DeleteRevNat(id) => m.rev_nat.remove(&id),
+            MapOp::DeleteBackend(id) => m.backends.remove(&id),
         }
         .with_context(|| format!("{op}"))
+    }
+
+    /// What the Service maps hold.
+    pub fn read(&self) -> anyhow::Result<MapState> {
+        self.maps.read()
     }
 
     /// Runs the program at `hook` once over `frame` (an Ethernet frame) carrying skb `mark`,
@@ -249,7 +250,7 @@ fn u32_bytes_mut(words: &mut [u32]) -> &mut [u8] {
 
 /// Reads what the pinned Service maps under `pin_dir` hold (for `node-agent lb list`).
 pub fn read_pinned(pin_dir: &Path) -> anyhow::Result<MapState> {
-    fn open(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
+    ServiceMaps::take(|name| {
         let path = pin_dir.join(name);
         let data = MapData::from_pin(&path).with_context(|| {
             format!(
@@ -259,43 +260,55 @@ pub fn read_pinned(pin_dir: &Path) -> anyhow::Result<MapState> {
             )
         })?;
         Ok(Map::from_map_data(data)?)
-    }
-    let services: HashMap<_, ServiceKey, ServiceValue> = open(pin_dir, SERVICES_MAP)?.try_into()?;
-    let backends: HashMap<_, u32, Backend> = open(pin_dir, BACKENDS_MAP)?.try_into()?;
-    let rev_nat: HashMap<_, u16, RevNat> = open(pin_dir, REV_NAT_MAP)?.try_into()?;
-    let cluster_ips: HashMap<_, u32, u8> = open(pin_dir, CLUSTER_IPS_MAP)?.try_into()?;
-    let source_ranges: LpmTrie<_, SourceRange, u8> =
-        open(pin_dir, SOURCE_RANGES_MAP)?.try_into()?;
-    let source_ranges = source_ranges
-        .iter()
-        .map(|entry| {
-            let (key, _) = entry?;
-            let SourceRange {
-                rev_nat_id,
-                address,
-                ..
-            } = key.data();
-            let [a, b, c, d] = address.to_ne_bytes();
-            let prefix = (key.prefix_len() - SOURCE_RANGE_FRONTEND_BITS) as u8;
-            Ok((
-                rev_nat_id,
-                Ipv4Cidr {
-                    address: Ipv4Addr::new(a, b, c, d),
-                    prefix,
-                },
-            ))
+    })?
+    .read()
+}
+
+impl ServiceMaps {
+    fn take(mut map: impl FnMut(&str) -> anyhow::Result<Map>) -> anyhow::Result<Self> {
+        Ok(Self {
+            services: map(SERVICES_MAP)?.try_into()?,
+            backends: map(BACKENDS_MAP)?.try_into()?,
+            rev_nat: map(REV_NAT_MAP)?.try_into()?,
+            source_ranges: map(SOURCE_RANGES_MAP)?.try_into()?,
+            cluster_ips: map(CLUSTER_IPS_MAP)?.try_into()?,
         })
-        .collect::<anyhow::Result<_>>()?;
-    Ok(MapState {
-        services: services.iter().collect::<Result<_, _>>()?,
-        backends: backends.iter().collect::<Result<_, _>>()?,
-        rev_nat: rev_nat.iter().collect::<Result<_, _>>()?,
-        source_ranges,
-        cluster_ips: cluster_ips
-            .keys()
-            .map(|ip| ip.map(|ip| Ipv4Addr::from(ip.to_ne_bytes())))
-            .collect::<Result<_, _>>()?,
-    })
+    }
+
+    fn read(&self) -> anyhow::Result<MapState> {
+        let source_ranges = self
+            .source_ranges
+            .iter()
+            .map(|entry| {
+                let (key, _) = entry?;
+                let SourceRange {
+                    rev_nat_id,
+                    address,
+                    ..
+                } = key.data();
+                let [a, b, c, d] = address.to_ne_bytes();
+                let prefix = (key.prefix_len() - SOURCE_RANGE_FRONTEND_BITS) as u8;
+                Ok((
+                    rev_nat_id,
+                    Ipv4Cidr {
+                        address: Ipv4Addr::new(a, b, c, d),
+                        prefix,
+                    },
+                ))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(MapState {
+            services: self.services.iter().collect::<Result<_, _>>()?,
+            backends: self.backends.iter().collect::<Result<_, _>>()?,
+            rev_nat: self.rev_nat.iter().collect::<Result<_, _>>()?,
+            source_ranges,
+            cluster_ips: self
+                .cluster_ips
+                .keys()
+                .map(|ip| ip.map(|ip| Ipv4Addr::from(ip.to_ne_bytes())))
+                .collect::<Result<_, _>>()?,
+        })
+    }
 }
 
 /// Mounts bpffs at /sys/fs/bpf when `pin_dir` lies under it and nothing is mounted there yet.

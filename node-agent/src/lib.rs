@@ -5,6 +5,7 @@ pub mod agent;
 pub mod datapath;
 pub mod health;
 pub mod lb;
+pub mod memory;
 pub mod model;
 pub mod proxy;
 pub mod source;

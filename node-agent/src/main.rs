@@ -8,10 +8,8 @@ use clap::{Parser, Subcommand};
 use node_agent::{agent, datapath, lb, model::Ipv4Cidr};
 use tracing_subscriber::EnvFilter;
 
-/// glibc's allocator spends more time than the parser on the first load of 100k objects parsed
-/// on several threads, and its per-thread arenas keep what they freed.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: node_agent::memory::Allocator = mimalloc::MiMalloc;
 
 /// An eBPF Service proxy (kube-proxy replacement) for one Kubernetes node.
 #[derive(Parser)]

@@ -198,8 +198,8 @@ struct Endpoint {
 #[derive(Debug, PartialEq)]
 struct SliceEndpoints {
     service: ObjectName,
-    ports: Vec<SlicePort>,
-    endpoints: Vec<Endpoint>,
+    ports: Box<[SlicePort]>,
+    endpoints: Box<[Endpoint]>,
 }
 
 /// The backends of one Service port, with the conditions of the endpoint behind each.
@@ -220,33 +220,52 @@ fn usable(endpoints: &PortEndpoints, local_only: bool) -> BTreeSet<Backend> {
 }
 
 /// A Service as last applied: valid (`None` for headless and ExternalName ones) or refused.
-type ServiceInput = Result<Option<ServiceSpecV>, String>;
+/// Boxed, as the other values the compiler keeps per object: a map's nodes then hold small
+/// values, and 100k Services cost less.
+type ServiceInput = Result<Option<Box<ServiceSpecV>>, String>;
 
-/// What one Service's frontends put in the maps, and what it holds of what is shared.
-#[derive(Debug, Default)]
-struct Output {
-    /// Every frontend it asks for, whether it holds it or another Service does.
-    claims: Vec<Frontend>,
-    /// The frontends whose reverse-NAT id it holds.
-    held: Vec<Frontend>,
-    services: Vec<(ServiceKey, ServiceValue)>,
-    rev_nat: Vec<(u16, RevNat)>,
-    source_ranges: Vec<(u16, Ipv4Cidr)>,
-    /// One per slot that names the backend.
-    backends: Vec<(u32, Backend)>,
-    cluster_ip: Option<Ipv4Addr>,
-    health_check_port: Option<u16>,
+/// One thing a Service's output puts in the maps or holds of what is shared.
+#[derive(Clone, Copy, Debug)]
+enum Entry {
+    /// A frontend it asks for, whether it holds it or another Service does.
+    Claim(Frontend),
+    /// A frontend whose reverse-NAT id it holds.
+    Held(Frontend),
+    Service(ServiceKey, ServiceValue),
+    RevNat(u16, RevNat),
+    SourceRange(u16, Ipv4Cidr),
+    /// A backend, once for each slot naming it.
+    Backend(u32, Backend),
+    ClusterIp(Ipv4Addr),
+    HealthCheck(u16),
 }
+
+/// What one Service compiled to: one allocation per Service.
+#[derive(Debug, Default)]
+struct Output(Box<[Entry]>);
 
 impl Output {
     fn add_to(&self, state: &mut MapState) {
-        state.services.extend(self.services.iter().copied());
-        state.rev_nat.extend(self.rev_nat.iter().copied());
-        state
-            .source_ranges
-            .extend(self.source_ranges.iter().copied());
-        state.backends.extend(self.backends.iter().copied());
-        state.cluster_ips.extend(self.cluster_ip);
+        for entry in &self.0 {
+            match *entry {
+                Entry::Service(key, value) => {
+                    state.services.insert(key, value);
+                }
+                Entry::RevNat(id, rev_nat) => {
+                    state.rev_nat.insert(id, rev_nat);
+                }
+                Entry::SourceRange(id, cidr) => {
+                    state.source_ranges.insert((id, cidr));
+                }
+                Entry::Backend(id, backend) => {
+                    state.backends.insert(id, backend);
+                }
+                Entry::ClusterIp(ip) => {
+                    state.cluster_ips.insert(ip);
+                }
+                Entry::Claim(_) | Entry::Held(_) | Entry::HealthCheck(_) => {}
+            }
+        }
     }
 }
 
@@ -307,23 +326,23 @@ impl Shared {
     /// Lets go of all `output` held for `name`; the next claimant of a frontend it held is
     /// recompiled to take it.
     fn release(&mut self, name: &ObjectName, output: &Output) {
-        for &frontend in &output.claims {
-            self.claims.remove(&(frontend, name.clone()));
-            if self.holders.get(&frontend) == Some(name) {
-                self.holders.remove(&frontend);
-                if let Some(next) = self.first_claimant(frontend) {
-                    self.touched.insert(next.clone());
+        for entry in &output.0 {
+            match *entry {
+                Entry::Claim(frontend) => {
+                    self.claims.remove(&(frontend, name.clone()));
+                    if self.holders.get(&frontend) == Some(name) {
+                        self.holders.remove(&frontend);
+                        if let Some(next) = self.first_claimant(frontend) {
+                            self.touched.insert(next.clone());
+                        }
+                    }
                 }
+                Entry::Held(frontend) => self.rev_nat.release(frontend),
+                Entry::Backend(_, backend) => self.backends.release(backend),
+                Entry::ClusterIp(ip) => self.cluster_ips.release(ip),
+                Entry::Service(..) | Entry::RevNat(..) | Entry::SourceRange(..) => {}
+                Entry::HealthCheck(_) => {}
             }
-        }
-        for &frontend in &output.held {
-            self.rev_nat.release(frontend);
-        }
-        for &(_, backend) in &output.backends {
-            self.backends.release(backend);
-        }
-        if let Some(ip) = output.cluster_ip {
-            self.cluster_ips.release(ip);
         }
     }
 }
@@ -334,7 +353,7 @@ impl Shared {
 pub struct Compiler {
     node: Node,
     services: BTreeMap<ObjectName, ServiceInput>,
-    slices: BTreeMap<ObjectName, SliceEndpoints>,
+    slices: BTreeMap<ObjectName, Box<SliceEndpoints>>,
     /// (Service, one of its slices), for the slices of a Service in name order.
     slices_of: BTreeSet<(ObjectName, ObjectName)>,
     outputs: BTreeMap<ObjectName, Output>,
@@ -396,7 +415,7 @@ impl Compiler {
             }
         }
         for (name, service) in changes.services {
-            let new = service.map(|s| service_spec(&s));
+            let new = service.map(|s| service_spec(&s).map(|spec| spec.map(Box::new)));
             if self.services.get(&name) == new.as_ref() {
                 continue;
             }
@@ -510,8 +529,10 @@ impl Compiler {
         let old = self.outputs.remove(name);
         if let Some(old) = &old {
             self.shared.release(name, old);
-            if let Some(port) = old.health_check_port {
-                self.health_checks.remove(&(port, name.clone()));
+            for entry in &old.0 {
+                if let Entry::HealthCheck(port) = entry {
+                    self.health_checks.remove(&(*port, name.clone()));
+                }
             }
         }
         errors.remove(name);
@@ -530,13 +551,13 @@ impl Compiler {
             .slices_of
             .range((name.clone(), ObjectName::default())..)
             .take_while(|(service, _)| service == name)
-            .map(|(_, slice)| &self.slices[slice]);
+            .map(|(_, slice)| &*self.slices[slice]);
         let mut out = Emitter {
             name,
             spec,
             node: &self.node,
             shared: &mut self.shared,
-            output: Output::default(),
+            entries: Vec::new(),
             errors: Vec::new(),
             any_endpoints: false,
         };
@@ -547,12 +568,13 @@ impl Compiler {
                 local_endpoints: local_ready,
             };
             self.health_checks.insert((port, name.clone()), check);
-            out.output.health_check_port = Some(port);
+            out.entries.push(Entry::HealthCheck(port));
         }
         if !out.errors.is_empty() {
             errors.insert(name.clone(), out.errors);
         }
-        self.outputs.insert(name.clone(), out.output);
+        let output = Output(out.entries.into_boxed_slice());
+        self.outputs.insert(name.clone(), output);
         old
     }
 }
@@ -563,7 +585,7 @@ struct Emitter<'a> {
     spec: &'a ServiceSpecV,
     node: &'a Node,
     shared: &'a mut Shared,
-    output: Output,
+    entries: Vec<Entry>,
     errors: Vec<ObjectError>,
     /// Whether the Service has usable endpoints anywhere: an empty scope then drops (a Local
     /// policy with no local endpoint) instead of rejecting (no endpoints at all).
@@ -581,7 +603,7 @@ impl Emitter<'_> {
         let spec = self.spec;
         let node = self.node;
         match self.shared.cluster_ips.hold(spec.cluster_ip) {
-            Some(_) => self.output.cluster_ip = Some(spec.cluster_ip),
+            Some(_) => self.entries.push(Entry::ClusterIp(spec.cluster_ip)),
             None => {
                 self.error(format!(
                     "spec.clusterIP: {}: the ClusterIP map is full",
@@ -650,8 +672,12 @@ impl Emitter<'_> {
         internal: Option<&BTreeSet<Backend>>,
         source_ranges: &[Ipv4Cidr],
     ) {
-        if !self.output.claims.contains(&frontend) {
-            self.output.claims.push(frontend);
+        if !self
+            .entries
+            .iter()
+            .any(|e| matches!(e, Entry::Claim(f) if *f == frontend))
+        {
+            self.entries.push(Entry::Claim(frontend));
         }
         if let Err(owner) = self.shared.claim(frontend, self.name) {
             self.error(format!(
@@ -664,23 +690,26 @@ impl Emitter<'_> {
             self.shared.rev_nat.starved.insert(self.name.clone());
             return;
         };
-        self.output.held.push(frontend);
+        self.entries.push(Entry::Held(frontend));
         let rev_nat_id = rev_nat_id as u16;
-        self.output
-            .rev_nat
-            .push((rev_nat_id, RevNat::new(frontend.ip, frontend.port)));
+        let rev_nat = RevNat::new(frontend.ip, frontend.port);
+        self.entries.push(Entry::RevNat(rev_nat_id, rev_nat));
         let mut flags = flags;
         if !source_ranges.is_empty() {
             flags |= SVC_SOURCE_RANGES;
-            let ranges = &mut self.output.source_ranges;
-            ranges.extend(source_ranges.iter().map(|&c| (rev_nat_id, c)));
+            let ranges = &mut self.entries;
+            ranges.extend(
+                source_ranges
+                    .iter()
+                    .map(|&c| Entry::SourceRange(rev_nat_id, c)),
+            );
             // Like kube-proxy: when the node may connect, so may the LB IP itself (the node's
             // own connections to it are assumed SNATed to it on the way back in).
             if source_ranges
                 .iter()
                 .any(|c| self.node.ips.iter().any(|&ip| c.contains(ip)))
             {
-                ranges.push((
+                ranges.push(Entry::SourceRange(
                     rev_nat_id,
                     Ipv4Cidr {
                         address: frontend.ip,
@@ -738,7 +767,7 @@ impl Emitter<'_> {
         if slots.is_empty() && self.any_endpoints {
             flags |= SVC_DROP_WHEN_EMPTY;
         }
-        self.output.services.push((
+        self.entries.push(Entry::Service(
             frontend.key(scope, 0),
             ServiceValue {
                 count: slots.len() as u16,
@@ -747,15 +776,14 @@ impl Emitter<'_> {
             },
         ));
         for (slot, (id, backend)) in (1..).zip(slots) {
-            self.output.backends.push((id, backend));
+            self.entries.push(Entry::Backend(id, backend));
             let value = ServiceValue {
                 backend_id: id,
                 rev_nat_id: master.rev_nat_id,
                 ..Default::default()
             };
-            self.output
-                .services
-                .push((frontend.key(scope, slot), value));
+            self.entries
+                .push(Entry::Service(frontend.key(scope, slot), value));
         }
     }
 }
@@ -785,7 +813,7 @@ fn slice_endpoints(
     name: &ObjectName,
     slice: &EndpointSlice,
     node: &Node,
-) -> Result<Option<SliceEndpoints>, String> {
+) -> Result<Option<Box<SliceEndpoints>>, String> {
     let Some(service) = slice
         .metadata
         .labels
@@ -835,11 +863,11 @@ fn slice_endpoints(
         namespace: name.namespace.clone(),
         name: service.as_str().into(),
     };
-    Ok(Some(SliceEndpoints {
+    Ok(Some(Box::new(SliceEndpoints {
         service,
-        ports,
-        endpoints,
-    }))
+        ports: ports.into(),
+        endpoints: endpoints.into(),
+    })))
 }
 
 /// A Service with a ClusterIP, validated; `None` for headless and ExternalName Services.

@@ -31,11 +31,10 @@ pub struct SyncReport {
     pub written: Duration,
 }
 
-/// Keeps what has been written, so each sync writes only the difference.
+/// Compiles changes and writes only the difference they make.
 pub struct Proxy {
     compiler: Compiler,
-    /// What the maps hold: after a failed write, the next sync diffs all of it.
-    applied: MapState,
+    /// A write failed: the next sync diffs what the maps hold against the whole cluster.
     resync: bool,
 }
 
@@ -43,7 +42,6 @@ impl Proxy {
     pub fn new(node: Node) -> Self {
         Self {
             compiler: Compiler::new(node),
-            applied: MapState::default(),
             resync: false,
         }
     }
@@ -62,7 +60,7 @@ impl Proxy {
             errors,
         } = self.compiler.commit();
         let ops = if self.resync {
-            diff(&self.applied, &self.compiler.state())
+            diff(&datapath.read()?, &self.compiler.state())
         } else {
             diff(&before, &after)
         };
@@ -70,8 +68,6 @@ impl Proxy {
         self.resync = true;
         for op in &ops {
             datapath.write(op)?;
-            // Track each write as it lands: after a failure the next sync resumes from the truth.
-            self.applied.apply(op);
         }
         self.resync = false;
         Ok(SyncReport {

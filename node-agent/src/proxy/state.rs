@@ -75,7 +75,8 @@ pub enum MapOp {
 }
 
 impl MapState {
-    /// The state after `op` has been written.
+    /// The state after `op` has been written (tests replay writes with it).
+    #[cfg(test)]
     pub fn apply(&mut self, op: &MapOp) {
         match *op {
             MapOp::PutBackend(id, backend) => {

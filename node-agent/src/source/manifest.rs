@@ -67,8 +67,12 @@ pub fn load(dir: &Path) -> anyhow::Result<Loaded> {
 pub struct ManifestDir {
     dir: PathBuf,
     files: BTreeMap<Arc<Path>, Vec<Key>>,
-    /// The files defining each object, in name order: the first one's definition counts.
-    defined: BTreeMap<Key, Vec<Arc<Path>>>,
+    /// The file whose definition of each object counts: the first by name when several
+    /// define it.
+    defined: BTreeMap<Key, Arc<Path>>,
+    /// The other files defining an object, in name order (rare, so kept apart).
+    shadowed: BTreeMap<Key, Vec<Arc<Path>>>,
+    namespaces: BTreeSet<Arc<str>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -97,6 +101,8 @@ impl ManifestDir {
             dir: dir.to_owned(),
             files: BTreeMap::new(),
             defined: BTreeMap::new(),
+            shadowed: BTreeMap::new(),
+            namespaces: BTreeSet::new(),
         }
     }
 
@@ -177,16 +183,8 @@ impl ManifestDir {
         let mut loaded = Loaded::default();
         let path: Arc<Path> = path.into();
         for key in self.files.remove(&path).into_iter().flatten() {
-            let files = self
-                .defined
-                .get_mut(&key)
-                .expect("a file's object is defined");
-            if files[0] == path {
-                affected.insert(key.clone());
-            }
-            files.retain(|p| *p != path);
-            if files.is_empty() {
-                self.defined.remove(&key);
+            if self.undefine(&key, &path) {
+                affected.insert(key);
             }
         }
         let objects = match read {
@@ -204,43 +202,105 @@ impl ManifestDir {
         loaded.parsed += 1;
         let mut keys = Vec::with_capacity(objects.len());
         for object in objects {
-            let key = match &object {
-                Object::Service(name, _) => (Kind::Service, name.clone()),
-                Object::EndpointSlice(name, _) => (Kind::EndpointSlice, name.clone()),
-                Object::Skipped(what) => {
-                    loaded.skipped.push(format!("{}: {what}", path.display()));
+            let key = match object.key() {
+                Some((kind, name)) => (kind, self.keep(&name)),
+                None => {
+                    if let Object::Skipped(what) = &object {
+                        loaded.skipped.push(format!("{}: {what}", path.display()));
+                    }
                     continue;
                 }
             };
-            let files = self.defined.entry(key.clone()).or_default();
-            // Already there: defined twice in this very file.
-            let twice = match files.binary_search(&path) {
-                Ok(_) => true,
-                Err(at) => {
-                    files.insert(at, Arc::clone(&path));
-                    false
+            if let Some((first, twice)) = self.define(&key, &path) {
+                if !twice {
+                    keys.push(key.clone());
                 }
-            };
-            if !twice {
-                keys.push(key.clone());
-            }
-            if twice || files[0] != path {
                 loaded.errors.push(FileError {
                     path: path.to_path_buf(),
                     reason: format!(
                         "{} {} is already defined in {}; keeping that one",
                         key.0.name(),
                         key.1,
-                        files[0].display()
+                        first.display()
                     ),
                 });
                 continue;
             }
+            keys.push(key.clone());
             affected.remove(&key);
-            object.apply(&mut loaded.changes);
+            object.apply(key.1.clone(), &mut loaded.changes);
         }
         self.files.insert(path, keys);
         loaded
+    }
+
+    /// `name` as kept for as long as its object lives: allocated on this thread, not on the
+    /// parser's (whose memory is otherwise all freed after the load), with one namespace
+    /// string for all the objects in it.
+    fn keep(&mut self, name: &ObjectName) -> ObjectName {
+        let namespace = match self.namespaces.get(&name.namespace) {
+            Some(namespace) => Arc::clone(namespace),
+            None => {
+                let namespace: Arc<str> = (*name.namespace).into();
+                self.namespaces.insert(Arc::clone(&namespace));
+                namespace
+            }
+        };
+        ObjectName {
+            namespace,
+            name: (*name.name).into(),
+        }
+    }
+
+    /// Records that `path` defines `key`: `None` when its definition counts, or the file whose
+    /// does and whether `path` had defined `key` already (twice in one file).
+    fn define(&mut self, key: &Key, path: &Arc<Path>) -> Option<(Arc<Path>, bool)> {
+        let first = self
+            .defined
+            .entry(key.clone())
+            .or_insert_with(|| Arc::clone(path));
+        if first == path {
+            return None;
+        }
+        let others = self.shadowed.entry(key.clone()).or_default();
+        let twice = match others.binary_search(path) {
+            Ok(_) => true,
+            Err(_) if path < first => {
+                // Sorts first: its definition counts from now on.
+                let previous = std::mem::replace(first, Arc::clone(path));
+                let at = others.partition_point(|p| *p < previous);
+                others.insert(at, previous);
+                return None;
+            }
+            Err(at) => {
+                others.insert(at, Arc::clone(path));
+                false
+            }
+        };
+        Some((Arc::clone(first), twice))
+    }
+
+    /// Forgets that `path` defines `key`; whether its definition was the one that counted.
+    fn undefine(&mut self, key: &Key, path: &Arc<Path>) -> bool {
+        let others = self.shadowed.get_mut(key);
+        if self.defined.get(key) != Some(path) {
+            if let Some(others) = others {
+                others.retain(|p| p != path);
+            }
+            return false;
+        }
+        match others.filter(|o| !o.is_empty()) {
+            Some(others) => {
+                self.defined.insert(key.clone(), others.remove(0));
+            }
+            None => {
+                self.defined.remove(key);
+            }
+        }
+        if self.shadowed.get(key).is_some_and(Vec::is_empty) {
+            self.shadowed.remove(key);
+        }
+        true
     }
 
     /// The objects whose defining file gave them up: deleted, or taken from the file that
@@ -248,14 +308,14 @@ impl ManifestDir {
     fn settle(&mut self, affected: BTreeSet<Key>) -> Loaded {
         let mut loaded = Loaded::default();
         for key in affected {
-            let now = self.defined.get(&key).map(|files| Arc::clone(&files[0]));
+            let now = self.defined.get(&key).cloned();
             let object = now.and_then(|path| {
                 loaded.parsed += 1;
                 let objects = read_file(&path)?.ok()?;
                 objects.into_iter().find(|o| o.key().as_ref() == Some(&key))
             });
             match object {
-                Some(object) => object.apply(&mut loaded.changes),
+                Some(object) => object.apply(key.1, &mut loaded.changes),
                 None => match key {
                     (Kind::Service, name) => {
                         loaded.changes.services.insert(name, None);
@@ -305,12 +365,13 @@ impl Object {
         }
     }
 
-    fn apply(self, changes: &mut Changes) {
+    /// Reports the object as applied, under `name` (its own, as kept).
+    fn apply(self, name: ObjectName, changes: &mut Changes) {
         match self {
-            Object::Service(name, s) => {
+            Object::Service(_, s) => {
                 changes.services.insert(name, Some(s));
             }
-            Object::EndpointSlice(name, s) => {
+            Object::EndpointSlice(_, s) => {
                 changes.endpoint_slices.insert(name, Some(s));
             }
             Object::Skipped(_) => {}
