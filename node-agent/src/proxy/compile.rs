@@ -274,8 +274,6 @@ impl Output {
 struct Shared {
     /// (frontend, a Service that asks for it): the first by name holds it.
     claims: BTreeSet<(Frontend, ObjectName)>,
-    /// The Service whose output holds each frontend.
-    holders: BTreeMap<Frontend, ObjectName>,
     backends: IdTable<Backend>,
     rev_nat: IdTable<Frontend>,
     cluster_ips: IdTable<Ipv4Addr>,
@@ -287,7 +285,6 @@ impl Default for Shared {
     fn default() -> Self {
         Self {
             claims: BTreeSet::new(),
-            holders: BTreeMap::new(),
             backends: IdTable::new(u32::MAX, BACKENDS_MAX_ENTRIES),
             rev_nat: IdTable::new(u32::from(u16::MAX), REV_NAT_MAX_ENTRIES),
             cluster_ips: IdTable::new(u32::MAX, CLUSTER_IPS_MAX_ENTRIES),
@@ -303,14 +300,17 @@ impl Shared {
             // Twice by the same Service (two ports, or an ExternalIP that is its ClusterIP).
             return Err(name.clone());
         }
+        let mut claimants = self
+            .claims
+            .range((frontend, name.clone())..)
+            .take_while(|(f, _)| *f == frontend);
         if let Some(first) = self.first_claimant(frontend).filter(|n| *n != name) {
             return Err(first.clone());
         }
-        if let Some(previous) = self.holders.insert(frontend, name.clone())
-            && previous != *name
-        {
-            // It sorts after `name`: it gives the frontend up when recompiled.
-            self.touched.insert(previous);
+        // The first claimant until now, if any, gives the frontend up when recompiled.
+        claimants.next();
+        if let Some((_, previous)) = claimants.next() {
+            self.touched.insert(previous.clone());
         }
         Ok(())
     }
@@ -329,12 +329,12 @@ impl Shared {
         for entry in &output.0 {
             match *entry {
                 Entry::Claim(frontend) => {
+                    // The first claimant holds the frontend (or is about to): the next
+                    // one takes it over.
+                    let first = self.first_claimant(frontend) == Some(name);
                     self.claims.remove(&(frontend, name.clone()));
-                    if self.holders.get(&frontend) == Some(name) {
-                        self.holders.remove(&frontend);
-                        if let Some(next) = self.first_claimant(frontend) {
-                            self.touched.insert(next.clone());
-                        }
+                    if let Some(next) = self.first_claimant(frontend).filter(|_| first) {
+                        self.touched.insert(next.clone());
                     }
                 }
                 Entry::Held(frontend) => self.rev_nat.release(frontend),
@@ -1006,6 +1006,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::proxy::diff;
 
     fn name(name: &str) -> ObjectName {
         ObjectName {
@@ -1660,5 +1661,250 @@ mod tests {
             },
         )]);
         assert_eq!(out.health_checks, want);
+    }
+
+    /// A tiny deterministic generator (xorshift): reproducible random clusters, no dependency.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % n as u64) as usize
+        }
+
+        fn pick<'a, T>(&mut self, from: &'a [T]) -> &'a T {
+            &from[self.below(from.len())]
+        }
+
+        fn chance(&mut self, percent: usize) -> bool {
+            self.below(100) < percent
+        }
+    }
+
+    const SERVICES: [&str; 6] = ["a", "b", "c", "d", "e", "f"];
+    const SLICES: [&str; 8] = ["s1", "s2", "s3", "s4", "s5", "s6", "s7", "s8"];
+
+    /// A random Service `svc`: few addresses and ports, so frontends collide.
+    fn random_service(rng: &mut Rng, svc: &str) -> (ObjectName, Service) {
+        let cluster_ip = *rng.pick(&["10.96.0.1", "10.96.0.2", "10.96.0.3", "None", "x"]);
+        let all_ports = [("http", 80, "TCP"), ("dns", 53, "UDP")];
+        let ports = match rng.below(3) {
+            0 => &all_ports[..1],
+            1 => &all_ports[1..],
+            _ => &all_ports[..],
+        };
+        let node_port = |rng: &mut Rng| *rng.pick(&[30001, 30002]);
+        let kind = *rng.pick(&["ClusterIP", "NodePort", "LoadBalancer"]);
+        let port_json: Vec<_> = ports
+            .iter()
+            .map(|(n, p, proto)| {
+                let mut port = json!({"name": n, "port": p, "protocol": proto});
+                if kind != "ClusterIP" {
+                    port["nodePort"] = json!(node_port(rng));
+                }
+                port
+            })
+            .collect();
+        let mut spec = json!({"type": kind, "ports": port_json});
+        if rng.chance(30) {
+            spec["externalIPs"] = json!([rng.pick(&["198.51.100.1", "198.51.100.2"])]);
+        }
+        if kind != "ClusterIP" && rng.chance(40) {
+            spec["externalTrafficPolicy"] = json!("Local");
+            spec["healthCheckNodePort"] = json!(rng.pick(&[31000, 31001]));
+        }
+        if rng.chance(20) {
+            spec["internalTrafficPolicy"] = json!("Local");
+        }
+        if rng.chance(20) {
+            spec["sessionAffinity"] = json!("ClientIP");
+        }
+        let mut status = json!(null);
+        if kind == "LoadBalancer" {
+            if rng.chance(50) {
+                spec["loadBalancerSourceRanges"] =
+                    json!([rng.pick(&["203.0.113.0/24", "192.0.2.0/24"])]);
+            }
+            status = json!({"loadBalancer": {"ingress": [{"ip": rng.pick(&["198.51.100.10", "198.51.100.11"])}]}});
+        }
+        service_with(svc, cluster_ip, ports, spec, status)
+    }
+
+    /// A random EndpointSlice `name` of one of the Services (relabelled at random).
+    fn random_slice(rng: &mut Rng, name: &str) -> (ObjectName, EndpointSlice) {
+        let svc = *rng.pick(&SERVICES);
+        let ports = [("http", 8080, "TCP"), ("dns", 5353, "UDP")];
+        let ports = if rng.chance(50) {
+            &ports[..]
+        } else {
+            &ports[..1]
+        };
+        let endpoints = (0..rng.below(4))
+            .map(|_| {
+                let address = *rng.pick(&["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "bad"]);
+                let (ready, terminating) = (rng.chance(70), rng.chance(30));
+                let node = *rng.pick(&["node-a", "node-b"]);
+                endpoint(address, ready, rng.chance(80), terminating, node)
+            })
+            .collect();
+        slice_of(name, svc, ports, endpoints)
+    }
+
+    /// What the maps hold, with ids left out: each frontend's backends and flags, the
+    /// ClusterIPs, and which backends and reverse-NAT entries exist.
+    fn content(state: &MapState) -> (Vec<String>, Vec<String>) {
+        let shared = state
+            .cluster_ips
+            .iter()
+            .map(|ip| format!("ClusterIP {ip}"))
+            .chain(
+                state
+                    .backends
+                    .values()
+                    .map(|b| format!("backend {}:{}", b.ip(), b.host_port())),
+            )
+            .chain(
+                state
+                    .rev_nat
+                    .values()
+                    .map(|r| format!("reverse NAT {:?}", r)),
+            )
+            .collect::<BTreeSet<_>>();
+        (table(state), shared.into_iter().collect())
+    }
+
+    /// What must hold between any two writes: every entry names what exists.
+    fn consistent(state: &MapState) -> Result<(), String> {
+        for (key, value) in &state.services {
+            if !state.rev_nat.contains_key(&value.rev_nat_id) {
+                return Err(format!("{key:?} names a missing reverse-NAT entry"));
+            }
+            if key.slot == 0 {
+                if let Some(slot) =
+                    (1..=value.count).find(|&s| !state.services.contains_key(&key.with_slot(s)))
+                {
+                    return Err(format!("{key:?} counts missing slot {slot}"));
+                }
+                let ranges = state
+                    .source_ranges
+                    .iter()
+                    .any(|(id, _)| *id == value.rev_nat_id);
+                if value.flags & SVC_SOURCE_RANGES != 0 && !ranges {
+                    return Err(format!("{key:?} checks source ranges not written"));
+                }
+            } else if !state.backends.contains_key(&value.backend_id) {
+                return Err(format!("{key:?} names a missing backend"));
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn random_changes_applied_incrementally_give_what_a_fresh_compile_gives() {
+        for seed in 1..=200 {
+            let mut rng = Rng(0x9E37_79B9_7F4A_7C15_u64.wrapping_mul(seed));
+            let mut compiler = Compiler::new(node());
+            let (mut services, mut slices) = (BTreeMap::new(), BTreeMap::new());
+            // What the datapath holds, write after write; every id ever given, and to what.
+            let mut maps = MapState::default();
+            let mut backend_ids: BTreeMap<u32, Backend> = BTreeMap::new();
+            let mut rev_nat_ids: BTreeMap<u16, RevNat> = BTreeMap::new();
+            for step in 0..30 {
+                let at = format!("seed {seed} step {step}");
+                let mut changes = Changes::default();
+                for _ in 0..=rng.below(3) {
+                    if rng.chance(50) {
+                        let svc = *rng.pick(&SERVICES);
+                        let new = rng.chance(75).then(|| random_service(&mut rng, svc));
+                        changes.services.insert(name(svc), new.map(|(_, s)| s));
+                    } else {
+                        let slice = *rng.pick(&SLICES);
+                        let new = rng.chance(75).then(|| random_slice(&mut rng, slice));
+                        changes
+                            .endpoint_slices
+                            .insert(name(slice), new.map(|(_, s)| s));
+                    }
+                }
+                for (name, service) in &changes.services {
+                    match service {
+                        Some(s) => services.insert(name.clone(), s.clone()),
+                        None => services.remove(name),
+                    };
+                }
+                for (name, slice) in &changes.endpoint_slices {
+                    match slice {
+                        Some(s) => slices.insert(name.clone(), s.clone()),
+                        None => slices.remove(name),
+                    };
+                }
+                let before_step = maps.clone();
+                compiler.stage(changes);
+                let update = compiler.commit();
+                for (key, value) in &update.before.services {
+                    assert_eq!(
+                        maps.services.get(key),
+                        Some(value),
+                        "{at}: before is what the maps hold"
+                    );
+                }
+                for op in diff(&update.before, &update.after) {
+                    maps.apply(&op);
+                    if let Err(e) = consistent(&maps) {
+                        panic!("{at}: after {op}: {e}");
+                    }
+                }
+                assert_eq!(
+                    maps,
+                    compiler.state(),
+                    "{at}: the writes reach the compiler's state"
+                );
+
+                let fresh = compile(
+                    cluster(
+                        services
+                            .iter()
+                            .map(|(n, s)| (n.clone(), s.clone()))
+                            .collect(),
+                        slices.iter().map(|(n, s)| (n.clone(), s.clone())).collect(),
+                    ),
+                    &node(),
+                );
+                assert_eq!(
+                    content(&maps),
+                    content(&fresh.state),
+                    "{at}: as compiled from scratch"
+                );
+                assert_eq!(compiler.health_checks(), fresh.health_checks, "{at}");
+                let fresh_errors: BTreeSet<String> =
+                    fresh.errors.iter().map(ToString::to_string).collect();
+                for e in &update.errors {
+                    assert!(
+                        fresh_errors.contains(&e.to_string()),
+                        "{at}: {e} not in {fresh_errors:?}"
+                    );
+                }
+
+                // Ids: kept while their backend or frontend lives, never given to another.
+                for (id, backend) in &maps.backends {
+                    let first = *backend_ids.entry(*id).or_insert(*backend);
+                    assert_eq!(first, *backend, "{at}: backend id {id} reused");
+                    if let Some((old, _)) = before_step.backends.iter().find(|(_, b)| *b == backend)
+                    {
+                        assert_eq!(old, id, "{at}: {backend:?} changed id");
+                    }
+                }
+                for (id, rev_nat) in &maps.rev_nat {
+                    let first = *rev_nat_ids.entry(*id).or_insert(*rev_nat);
+                    assert_eq!(first, *rev_nat, "{at}: reverse-NAT id {id} reused");
+                }
+                for (key, value) in &maps.services {
+                    if let Some(old) = before_step.services.get(key) {
+                        assert_eq!(old.rev_nat_id, value.rev_nat_id, "{at}: {key:?} changed id");
+                    }
+                }
+            }
+        }
     }
 }

@@ -350,8 +350,8 @@ fn is_manifest(path: &Path) -> bool {
 }
 
 enum Object {
-    Service(ObjectName, Service),
-    EndpointSlice(ObjectName, EndpointSlice),
+    Service(ObjectName, Box<Service>),
+    EndpointSlice(ObjectName, Box<EndpointSlice>),
     /// A kind the agent does not use: `apiVersion/kind name`.
     Skipped(String),
 }
@@ -369,10 +369,10 @@ impl Object {
     fn apply(self, name: ObjectName, changes: &mut Changes) {
         match self {
             Object::Service(_, s) => {
-                changes.services.insert(name, Some(s));
+                changes.services.insert(name, Some(*s));
             }
             Object::EndpointSlice(_, s) => {
-                changes.endpoint_slices.insert(name, Some(s));
+                changes.endpoint_slices.insert(name, Some(*s));
             }
             Object::Skipped(_) => {}
         }
@@ -413,11 +413,11 @@ fn typed(mut document: Value, out: &mut Vec<Object>) -> Result<(), String> {
     match (api_version.as_str(), kind.as_str()) {
         (Service::API_VERSION, Service::KIND) => {
             let (name, s) = object::<Service>(document, |s| &s.metadata)?;
-            out.push(Object::Service(name, s));
+            out.push(Object::Service(name, Box::new(s)));
         }
         (EndpointSlice::API_VERSION, EndpointSlice::KIND) => {
             let (name, s) = object::<EndpointSlice>(document, |s| &s.metadata)?;
-            out.push(Object::EndpointSlice(name, s));
+            out.push(Object::EndpointSlice(name, Box::new(s)));
         }
         ("v1", "List") => {
             let Some(Value::Array(items)) = document.get_mut("items").map(Value::take) else {
@@ -690,6 +690,14 @@ mod tests {
         let taken_over = manifests.reload(BTreeSet::from([dir.path().join("a.yaml")]));
         assert_eq!(changed(&taken_over), [pair("web", "10.96.0.3")]);
         assert_eq!(taken_over.errors, []);
+
+        // A file sorting first takes it over; when it goes, b.yaml's counts again.
+        write(dir.path(), "0.yaml", &service("web", "10.96.0.4"));
+        let first_now = manifests.reload(BTreeSet::from([dir.path().join("0.yaml")]));
+        assert_eq!(changed(&first_now), [pair("web", "10.96.0.4")]);
+        fs::remove_file(dir.path().join("0.yaml")).unwrap();
+        let back = manifests.reload(BTreeSet::from([dir.path().join("0.yaml")]));
+        assert_eq!(changed(&back), [pair("web", "10.96.0.3")]);
 
         // A file that no longer parses gives its objects up.
         write(dir.path(), "b.yaml", "kind: [");
