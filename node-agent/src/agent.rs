@@ -208,6 +208,7 @@ impl NodeState {
         info!(
             files_parsed = files,
             writes = report.writes,
+            elapsed_us = (report.compiled + report.written).as_micros() as u64,
             compile_us = report.compiled.as_micros() as u64,
             write_us = report.written.as_micros() as u64,
             "synced"

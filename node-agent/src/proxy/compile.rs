@@ -30,7 +30,7 @@ use node_common::{
     ServiceValue,
 };
 
-use super::state::{Frontend, MapState};
+use super::state::{Frontend, MapOp, MapState};
 use crate::model::{Changes, Ipv4Cidr, Node, ObjectError, ObjectName};
 
 /// The label that links an EndpointSlice to its Service.
@@ -244,27 +244,24 @@ enum Entry {
 #[derive(Debug, Default)]
 struct Output(Box<[Entry]>);
 
+impl Entry {
+    /// The map write that puts it in place, if it is a map entry.
+    fn put(&self) -> Option<MapOp> {
+        match *self {
+            Entry::Service(key, value) => Some(MapOp::PutService(key, value)),
+            Entry::RevNat(id, rev_nat) => Some(MapOp::PutRevNat(id, rev_nat)),
+            Entry::SourceRange(id, cidr) => Some(MapOp::PutSourceRange(id, cidr)),
+            Entry::Backend(id, backend) => Some(MapOp::PutBackend(id, backend)),
+            Entry::ClusterIp(ip) => Some(MapOp::PutClusterIp(ip)),
+            Entry::Claim(_) | Entry::Held(_) | Entry::HealthCheck(_) => None,
+        }
+    }
+}
+
 impl Output {
     fn add_to(&self, state: &mut MapState) {
-        for entry in &self.0 {
-            match *entry {
-                Entry::Service(key, value) => {
-                    state.services.insert(key, value);
-                }
-                Entry::RevNat(id, rev_nat) => {
-                    state.rev_nat.insert(id, rev_nat);
-                }
-                Entry::SourceRange(id, cidr) => {
-                    state.source_ranges.insert((id, cidr));
-                }
-                Entry::Backend(id, backend) => {
-                    state.backends.insert(id, backend);
-                }
-                Entry::ClusterIp(ip) => {
-                    state.cluster_ips.insert(ip);
-                }
-                Entry::Claim(_) | Entry::Held(_) | Entry::HealthCheck(_) => {}
-            }
+        for op in self.0.iter().filter_map(Entry::put) {
+            state.apply(&op);
         }
     }
 }

@@ -75,8 +75,7 @@ pub enum MapOp {
 }
 
 impl MapState {
-    /// The state after `op` has been written (tests replay writes with it).
-    #[cfg(test)]
+    /// The state after `op` has been written.
     pub fn apply(&mut self, op: &MapOp) {
         match *op {
             MapOp::PutBackend(id, backend) => {
