@@ -7,6 +7,14 @@ use super::state::{MapOp, MapState};
 /// deleted only after nothing refers to it, so no packet ever sees a half-written Service.
 pub fn diff(applied: &MapState, desired: &MapState) -> Vec<MapOp> {
     let mut ops = Vec::new();
+    diff_each(applied, desired, &mut |op| ops.push(op));
+    ops
+}
+
+/// `diff`, each write handed to `write` in order as it is found (a first sync of 100k
+/// Services finds 330k of them).
+pub fn diff_each(applied: &MapState, desired: &MapState, write: &mut dyn FnMut(MapOp)) {
+    let mut ops = Sink(write);
     let is_master = |slot: u16| slot == 0;
     // Backends and reverse-NAT entries first: slots and masters name them.
     ops.extend(
@@ -49,7 +57,14 @@ pub fn diff(applied: &MapState, desired: &MapState) -> Vec<MapOp> {
     ops.extend(gone_ips.map(|&ip| MapOp::DeleteClusterIp(ip)));
     ops.extend(removed(&applied.rev_nat, &desired.rev_nat).map(|&id| MapOp::DeleteRevNat(id)));
     ops.extend(removed(&applied.backends, &desired.backends).map(|&id| MapOp::DeleteBackend(id)));
-    ops
+}
+
+struct Sink<'a>(&'a mut dyn FnMut(MapOp));
+
+impl Sink<'_> {
+    fn extend(&mut self, ops: impl Iterator<Item = MapOp>) {
+        ops.for_each(&mut *self.0);
+    }
 }
 
 /// Entries of `to` that `from` lacks or holds with another value.

@@ -10,7 +10,7 @@ use std::{
 };
 
 pub use compile::{Compiler, HealthCheck, Update};
-pub use diff::diff;
+pub use diff::{diff, diff_each};
 pub use state::{Frontend, MapOp, MapState, proto_name};
 
 use crate::{
@@ -26,7 +26,7 @@ pub struct SyncReport {
     pub errors: Vec<ObjectError>,
     /// The healthCheckNodePort servers the Services ask for, by port.
     pub health_checks: BTreeMap<u16, HealthCheck>,
-    /// Compiling the changes, and writing them.
+    /// Compiling the changes and finding the writes, and writing them.
     pub compiled: Duration,
     pub written: Duration,
 }
@@ -59,23 +59,30 @@ impl Proxy {
             after,
             errors,
         } = self.compiler.commit();
-        let ops = if self.resync {
-            diff(&datapath.read()?, &self.compiler.state())
+        let (before, after) = if self.resync {
+            (datapath.read()?, self.compiler.state())
         } else {
-            diff(&before, &after)
+            (before, after)
         };
-        let compiled = start.elapsed();
+        // Written as the diff finds them: no list of 330k writes on a first sync.
+        let (mut writes, mut written, mut failed) = (0, Duration::ZERO, Ok(()));
         self.resync = true;
-        for op in &ops {
-            datapath.write(op)?;
-        }
+        diff_each(&before, &after, &mut |op| {
+            if failed.is_ok() {
+                let write = Instant::now();
+                failed = datapath.write(&op);
+                written += write.elapsed();
+                writes += 1;
+            }
+        });
+        failed?;
         self.resync = false;
         Ok(SyncReport {
-            writes: ops.len(),
+            writes,
             errors,
             health_checks: self.compiler.health_checks(),
-            compiled,
-            written: start.elapsed() - compiled,
+            compiled: start.elapsed() - written,
+            written,
         })
     }
 }
