@@ -297,18 +297,18 @@ impl Shared {
             // Twice by the same Service (two ports, or an ExternalIP that is its ClusterIP).
             return Err(name.clone());
         }
-        let mut claimants = self
-            .claims
-            .range((frontend, name.clone())..)
-            .take_while(|(f, _)| *f == frontend);
         if let Some(first) = self.first_claimant(frontend).filter(|n| *n != name) {
             return Err(first.clone());
         }
-        // The first claimant until now, if any, gives the frontend up when recompiled.
-        claimants.next();
-        if let Some((_, previous)) = claimants.next() {
-            self.touched.insert(previous.clone());
-        }
+        // `name` sorts first now: the claimant after it held the frontend until now, and gives
+        // it up when recompiled.
+        let previous = self
+            .claims
+            .range((frontend, name.clone())..)
+            .nth(1)
+            .filter(|(f, _)| *f == frontend)
+            .map(|(_, previous)| previous.clone());
+        self.touched.extend(previous);
         Ok(())
     }
 
@@ -337,8 +337,10 @@ impl Shared {
                 Entry::Held(frontend) => self.rev_nat.release(frontend),
                 Entry::Backend(_, backend) => self.backends.release(backend),
                 Entry::ClusterIp(ip) => self.cluster_ips.release(ip),
-                Entry::Service(..) | Entry::RevNat(..) | Entry::SourceRange(..) => {}
-                Entry::HealthCheck(_) => {}
+                Entry::Service(..)
+                | Entry::RevNat(..)
+                | Entry::SourceRange(..)
+                | Entry::HealthCheck(_) => {}
             }
         }
     }
