@@ -1662,6 +1662,28 @@ mod tests {
         assert_eq!(out.health_checks, want);
     }
 
+    #[test]
+    fn a_full_id_table_refuses_then_serves_the_starved_once_ids_are_freed() {
+        let mut table = IdTable::new(4, 2);
+        let (one, two, three) = (1u8, 2u8, 3u8);
+        assert_eq!(table.hold(one), Some(1));
+        assert_eq!(table.hold(two), Some(2));
+        assert_eq!(table.hold(one), Some(1), "held again: same id, no new one");
+        assert_eq!(table.hold(three), None, "full");
+        table.starved.insert(name("waiting"));
+        assert_eq!(table.next_starved(), None, "no room yet");
+        table.release(two);
+        assert_eq!(table.held(&two), None);
+        table.sweep();
+        assert_eq!(table.next_starved(), Some(name("waiting")));
+        assert_eq!(table.hold(three), Some(3), "not the id just freed");
+        table.release(one);
+        table.release(one);
+        table.sweep();
+        assert_eq!(table.hold(two), Some(4));
+        assert_eq!(table.hold(one), None, "full again");
+    }
+
     /// A tiny deterministic generator (xorshift): reproducible random clusters, no dependency.
     struct Rng(u64);
 
