@@ -78,7 +78,7 @@ pub struct Datapath {
 struct ServiceMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, Backend>,
-    rev_nat: HashMap<MapData, u16, RevNat>,
+    rev_nat: HashMap<MapData, u32, RevNat>,
     source_ranges: LpmTrie<MapData, SourceRange, u8>,
     cluster_ips: HashMap<MapData, u32, u8>,
 }
@@ -228,11 +228,10 @@ impl Drop for Pins {
     }
 }
 
-fn source_range_key(rev_nat_id: u16, cidr: Ipv4Cidr) -> Key<SourceRange> {
+fn source_range_key(rev_nat_id: u32, cidr: Ipv4Cidr) -> Key<SourceRange> {
     let address = u32::from_ne_bytes(cidr.address.octets());
     let data = SourceRange {
         rev_nat_id,
-        _pad: 0,
         address,
     };
     Key::new(SOURCE_RANGE_FRONTEND_BITS + u32::from(cidr.prefix), data)

@@ -26,14 +26,20 @@ pub const CLUSTER_IPS_MAP: &str = "CLUSTER_IPS";
 pub const CONFIG_GLOBAL: &str = "CONFIG";
 
 /// Capacities of the maps. SERVICES holds a master entry plus one slot per backend for every
-/// frontend; 100k Services × 2 backends needs 300k entries.
-pub const SERVICES_MAX_ENTRIES: u32 = 524_288;
-pub const BACKENDS_MAX_ENTRIES: u32 = 262_144;
-pub const REV_NAT_MAX_ENTRIES: u32 = 65_535;
+/// frontend; 100k Services × 2 backends needs 300k entries. The maps the agent writes are
+/// allocated as entries arrive (`MAP_NO_PREALLOC`), so a capacity costs no kernel memory
+/// until it is used.
+pub const SERVICES_MAX_ENTRIES: u32 = 2_097_152;
+pub const BACKENDS_MAX_ENTRIES: u32 = 1_048_576;
+/// One reverse-NAT id per frontend. Ids run up to `MARK_VALUE_MASK` (they travel in the skb
+/// mark), so freed ids can rest long before they are handed out again.
+pub const REV_NAT_MAX_ENTRIES: u32 = 1_048_576;
 pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
 pub const AFFINITY_MAX_ENTRIES: u32 = 65_536;
 pub const SOURCE_RANGES_MAX_ENTRIES: u32 = 16_384;
-pub const CLUSTER_IPS_MAX_ENTRIES: u32 = 65_536;
+pub const CLUSTER_IPS_MAX_ENTRIES: u32 = 1_048_576;
+/// BPF_F_NO_PREALLOC: hash map elements are allocated on insert, not all at creation.
+pub const MAP_NO_PREALLOC: u32 = 1;
 
 /// The most backends one frontend may have: a Service beyond it is reported, not truncated
 /// silently.
@@ -110,11 +116,10 @@ impl ServiceKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceValue {
     pub backend_id: u32,
+    pub rev_nat_id: u32,
     pub count: u16,
-    pub rev_nat_id: u16,
     /// `SVC_*` bits (master entries).
     pub flags: u16,
-    pub _pad: u16,
     /// Seconds a client stays on its backend (with `SVC_AFFINITY`).
     pub affinity_timeout: u32,
 }
@@ -163,7 +168,7 @@ impl Backend {
     }
 }
 
-/// Value of `REV_NAT`, keyed by reverse-NAT id (u16): the frontend a reply must appear from.
+/// Value of `REV_NAT`, keyed by reverse-NAT id (u32): the frontend a reply must appear from.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RevNat {
@@ -213,23 +218,24 @@ pub struct CtValue {
     pub nat_addr: u32,
     /// Masqueraded flows: forward entries hold the node port the flow leaves with, reply
     /// entries the client's port (network order).
+    pub rev_nat_id: u32,
     pub nat_port: u16,
-    pub rev_nat_id: u16,
     /// `CT_*` bits.
     pub flags: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
 }
 
 /// Source rewrites happen at egress, after routing, as netfilter does them in POSTROUTING: a
 /// forwarded packet must not carry a node address as its source while the kernel routes it
-/// (it would be dropped as a martian). tc_ingress leaves the work in the skb mark: the high 16
-/// bits say which rewrite, the low 16 bits with what.
-pub const MARK_KIND_MASK: u32 = 0xffff_0000;
+/// (it would be dropped as a martian). tc_ingress leaves the work in the skb mark: the high 8
+/// bits say which rewrite, the low 24 bits with what (24 bits: room for 100k+ frontends).
+pub const MARK_KIND_MASK: u32 = 0xff00_0000;
+pub const MARK_VALUE_MASK: u32 = !MARK_KIND_MASK;
 /// Masquerade: the source becomes `Config::snat_address` and the port in the low bits
 /// (network order).
-pub const MARK_MASQUERADE: u32 = 0x4e41_0000;
+pub const MARK_MASQUERADE: u32 = 0x4e00_0000;
 /// Reverse NAT of a reply: the source becomes the frontend of the reverse-NAT id in the low bits.
-pub const MARK_REV_NAT: u32 = 0x4e42_0000;
+pub const MARK_REV_NAT: u32 = 0x4f00_0000;
 /// Ports masqueraded flows leave with: the ephemeral range, clear of the NodePort range.
 pub const SNAT_PORT_MIN: u16 = 32_768;
 pub const SNAT_PORT_MAX: u16 = 60_999;
@@ -239,8 +245,7 @@ pub const SNAT_PORT_MAX: u16 = 60_999;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AffinityKey {
     pub client: u32,
-    pub rev_nat_id: u16,
-    pub _pad: u16,
+    pub rev_nat_id: u32,
 }
 
 /// Value of `AFFINITY`.
@@ -257,13 +262,12 @@ pub struct AffinityValue {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SourceRange {
-    pub rev_nat_id: u16,
-    pub _pad: u16,
+    pub rev_nat_id: u32,
     /// Network order.
     pub address: u32,
 }
 
-/// Bits of the LPM prefix taken by `rev_nat_id` and `_pad`.
+/// Bits of the LPM prefix taken by `rev_nat_id`.
 pub const SOURCE_RANGE_FRONTEND_BITS: u32 = 32;
 
 /// The node's addressing, fixed when the datapath loads. Zero means "not configured".

@@ -16,7 +16,6 @@ pub fn select(key: ServiceKey, master: &ServiceValue, client: u32) -> Option<(u3
     let akey = AffinityKey {
         client,
         rev_nat_id: master.rev_nat_id,
-        _pad: 0,
     };
     let sticky = unsafe { AFFINITY.get(akey) }
         .filter(|a| now.wrapping_sub(a.last_used) <= master.affinity_timeout)

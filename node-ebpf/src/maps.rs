@@ -7,19 +7,20 @@ use aya_ebpf::{
 };
 use node_common::{
     AFFINITY_MAX_ENTRIES, AffinityKey, AffinityValue, BACKENDS_MAX_ENTRIES, Backend,
-    CLUSTER_IPS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, Cidr, Config, CtKey, CtValue,
+    CLUSTER_IPS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, Cidr, Config, CtKey, CtValue, MAP_NO_PREALLOC,
     REV_NAT_MAX_ENTRIES, RevNat, SERVICES_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES, ServiceKey,
     ServiceValue, SourceRange,
 };
 
 #[map]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(SERVICES_MAX_ENTRIES, 0);
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::pinned(SERVICES_MAX_ENTRIES, MAP_NO_PREALLOC);
 
 #[map]
-pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(BACKENDS_MAX_ENTRIES, 0);
+pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(BACKENDS_MAX_ENTRIES, MAP_NO_PREALLOC);
 
 #[map]
-pub static REV_NAT: HashMap<u16, RevNat> = HashMap::pinned(REV_NAT_MAX_ENTRIES, 0);
+pub static REV_NAT: HashMap<u32, RevNat> = HashMap::pinned(REV_NAT_MAX_ENTRIES, MAP_NO_PREALLOC);
 
 #[map]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(CONNTRACK_MAX_ENTRIES, 0);
@@ -31,7 +32,8 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
 /// Every allocated ClusterIP (network order → 1): traffic to one on a port no Service serves
 /// is rejected, traffic to any other address of the service range dropped.
 #[map]
-pub static CLUSTER_IPS: HashMap<u32, u8> = HashMap::pinned(CLUSTER_IPS_MAX_ENTRIES, 0);
+pub static CLUSTER_IPS: HashMap<u32, u8> =
+    HashMap::pinned(CLUSTER_IPS_MAX_ENTRIES, MAP_NO_PREALLOC);
 
 #[map]
 pub static SOURCE_RANGES: LpmTrie<SourceRange, u8> = LpmTrie::pinned(SOURCE_RANGES_MAX_ENTRIES, 0);

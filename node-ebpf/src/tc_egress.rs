@@ -6,7 +6,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use node_common::{MARK_KIND_MASK, MARK_MASQUERADE, MARK_REV_NAT};
+use node_common::{MARK_KIND_MASK, MARK_MASQUERADE, MARK_REV_NAT, MARK_VALUE_MASK};
 
 use crate::{
     maps::{REV_NAT, config},
@@ -23,7 +23,7 @@ fn try_tc_egress(ctx: &TcContext) -> Result<i32, c_long> {
     let mark = unsafe { (*ctx.skb.skb).mark };
     let source = match mark & MARK_KIND_MASK {
         MARK_MASQUERADE => Some((config().snat_address, mark as u16)),
-        MARK_REV_NAT => unsafe { REV_NAT.get(mark as u16) }.map(|f| (f.address, f.port)),
+        MARK_REV_NAT => unsafe { REV_NAT.get(mark & MARK_VALUE_MASK) }.map(|f| (f.address, f.port)),
         _ => return Ok(TC_ACT_OK),
     };
     if let (Some((address, port)), Some(flow)) = (source, parse_flow(ctx)) {

@@ -123,7 +123,7 @@ fn new_flow(
         nat_port: 0,
         rev_nat_id: master.rev_nat_id,
         flags: 0,
-        _pad: [0; 3],
+        _pad: 0,
     };
     let reply_value = CtValue {
         flags: CT_REPLY,
@@ -199,12 +199,11 @@ fn claim_snat_port(
 }
 
 #[inline(always)]
-fn source_allowed(rev_nat_id: u16, source: u32) -> bool {
+fn source_allowed(rev_nat_id: u32, source: u32) -> bool {
     let key = Key::new(
         SOURCE_RANGE_FRONTEND_BITS + 32,
         SourceRange {
             rev_nat_id,
-            _pad: 0,
             address: source,
         },
     );
@@ -217,6 +216,6 @@ fn reply(ctx: &TcContext, flow: &Flow, ct: &CtValue) -> Result<i32, c_long> {
     if ct.flags & CT_SNAT != 0 {
         rewrite(ctx, flow, Side::Destination, ct.nat_addr, ct.nat_port)?;
     }
-    ctx.set_mark(MARK_REV_NAT | u32::from(ct.rev_nat_id));
+    ctx.set_mark(MARK_REV_NAT | ct.rev_nat_id);
     Ok(TC_ACT_OK)
 }

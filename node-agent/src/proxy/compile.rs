@@ -24,10 +24,10 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use node_common::{
-    BACKENDS_MAX_ENTRIES, Backend, CLUSTER_IPS_MAX_ENTRIES, MAX_BACKENDS_PER_SERVICE, PROTO_SCTP,
-    PROTO_TCP, PROTO_UDP, REV_NAT_MAX_ENTRIES, RevNat, SCOPE_EXTERNAL, SCOPE_INTERNAL,
-    SVC_AFFINITY, SVC_DROP_WHEN_EMPTY, SVC_ETP_LOCAL, SVC_EXTERNAL, SVC_SOURCE_RANGES, ServiceKey,
-    ServiceValue,
+    BACKENDS_MAX_ENTRIES, Backend, CLUSTER_IPS_MAX_ENTRIES, MARK_VALUE_MASK,
+    MAX_BACKENDS_PER_SERVICE, PROTO_SCTP, PROTO_TCP, PROTO_UDP, REV_NAT_MAX_ENTRIES, RevNat,
+    SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_AFFINITY, SVC_DROP_WHEN_EMPTY, SVC_ETP_LOCAL, SVC_EXTERNAL,
+    SVC_SOURCE_RANGES, ServiceKey, ServiceValue,
 };
 
 use super::state::{Frontend, MapOp, MapState};
@@ -232,8 +232,8 @@ enum Entry {
     /// A frontend whose reverse-NAT id it holds.
     Held(Frontend),
     Service(ServiceKey, ServiceValue),
-    RevNat(u16, RevNat),
-    SourceRange(u16, Ipv4Cidr),
+    RevNat(u32, RevNat),
+    SourceRange(u32, Ipv4Cidr),
     /// A backend, once for each slot naming it.
     Backend(u32, Backend),
     ClusterIp(Ipv4Addr),
@@ -283,7 +283,7 @@ impl Default for Shared {
         Self {
             claims: BTreeSet::new(),
             backends: IdTable::new(u32::MAX, BACKENDS_MAX_ENTRIES),
-            rev_nat: IdTable::new(u32::from(u16::MAX), REV_NAT_MAX_ENTRIES),
+            rev_nat: IdTable::new(MARK_VALUE_MASK, REV_NAT_MAX_ENTRIES),
             cluster_ips: IdTable::new(u32::MAX, CLUSTER_IPS_MAX_ENTRIES),
             touched: BTreeSet::new(),
         }
@@ -690,7 +690,6 @@ impl Emitter<'_> {
             return;
         };
         self.entries.push(Entry::Held(frontend));
-        let rev_nat_id = rev_nat_id as u16;
         let rev_nat = RevNat::new(frontend.ip, frontend.port);
         self.entries.push(Entry::RevNat(rev_nat_id, rev_nat));
         let mut flags = flags;
@@ -1831,7 +1830,7 @@ mod tests {
             // What the datapath holds, write after write; every id ever given, and to what.
             let mut maps = MapState::default();
             let mut backend_ids: BTreeMap<u32, Backend> = BTreeMap::new();
-            let mut rev_nat_ids: BTreeMap<u16, RevNat> = BTreeMap::new();
+            let mut rev_nat_ids: BTreeMap<u32, RevNat> = BTreeMap::new();
             for step in 0..30 {
                 let at = format!("seed {seed} step {step}");
                 let mut changes = Changes::default();

@@ -52,9 +52,9 @@ pub fn proto_name(proto: u8) -> &'static str {
 pub struct MapState {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, Backend>,
-    pub rev_nat: BTreeMap<u16, RevNat>,
+    pub rev_nat: BTreeMap<u32, RevNat>,
     /// (reverse-NAT id of a LoadBalancer frontend, a source range it allows).
-    pub source_ranges: BTreeSet<(u16, Ipv4Cidr)>,
+    pub source_ranges: BTreeSet<(u32, Ipv4Cidr)>,
     /// Every allocated ClusterIP.
     pub cluster_ips: BTreeSet<Ipv4Addr>,
 }
@@ -63,14 +63,14 @@ pub struct MapState {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MapOp {
     PutBackend(u32, Backend),
-    PutRevNat(u16, RevNat),
-    PutSourceRange(u16, Ipv4Cidr),
+    PutRevNat(u32, RevNat),
+    PutSourceRange(u32, Ipv4Cidr),
     PutService(ServiceKey, ServiceValue),
     PutClusterIp(Ipv4Addr),
     DeleteClusterIp(Ipv4Addr),
     DeleteService(ServiceKey),
-    DeleteSourceRange(u16, Ipv4Cidr),
-    DeleteRevNat(u16),
+    DeleteSourceRange(u32, Ipv4Cidr),
+    DeleteRevNat(u32),
     DeleteBackend(u32),
 }
 
