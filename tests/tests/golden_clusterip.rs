@@ -222,3 +222,36 @@ fn new_flows_spread_over_backends_and_each_flow_stays_on_its_own() {
         "60 new flows over 3 backends used only {used:?}"
     );
 }
+
+/// The reverse-NAT id travels from tc_ingress to tc_egress in the skb mark: one past 16 bits
+/// (more than 65,535 frontends) must still translate replies.
+#[test]
+fn a_reverse_nat_id_beyond_16_bits_still_translates_replies() {
+    let mut fixture = Fixture::new(&[
+        ("web.yaml", service("web", WEB_VIP, &[("http", 80, "TCP")])),
+        (
+            "web-slice.yaml",
+            endpoint_slice("web-1", "web", &[("http", 8080, "TCP")], &[WEB_BACKEND]),
+        ),
+    ]);
+    // Its low 16 bits (0x2345) name no entry: a truncated id finds nothing.
+    fixture.renumber_rev_nat(WEB_VIP, 0x1_2345);
+    let client = sock(CLIENT, 40100);
+    let syn = Packet::new(L4::Syn, client, sock(WEB_VIP, 80));
+    let syn_ack = Packet::new(L4::SynAck, sock(WEB_BACKEND, 8080), client);
+    check_rows(
+        &mut fixture,
+        vec![
+            Row {
+                name: "SYN DNATed",
+                input: syn.frame(),
+                expect: Expect::Becomes(syn.with_dst(sock(WEB_BACKEND, 8080)).frame()),
+            },
+            Row {
+                name: "reply reverse-NATed through reverse-NAT id 0x12345",
+                input: syn_ack.frame(),
+                expect: Expect::Becomes(syn_ack.with_src(sock(WEB_VIP, 80)).frame()),
+            },
+        ],
+    );
+}

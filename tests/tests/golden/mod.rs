@@ -5,6 +5,7 @@
 #![allow(dead_code)] // each test file uses a different part of this module
 
 use std::{
+    collections::BTreeSet,
     net::{Ipv4Addr, SocketAddrV4},
     path::Path,
 };
@@ -16,11 +17,11 @@ use etherparse::{
 use node_agent::{
     datapath::{Datapath, Hook},
     model::Node,
-    proxy::Proxy,
+    proxy::{MapOp, Proxy},
     source::manifest,
 };
 use node_agent_tests::unique;
-use node_common::Config;
+use node_common::{Config, ServiceValue};
 
 pub const TC_ACT_OK: i32 = 0;
 pub const TC_ACT_SHOT: i32 = 2;
@@ -191,6 +192,28 @@ impl Fixture {
         let report = proxy.sync(&mut datapath).unwrap();
         assert!(report.errors.is_empty(), "{:?}", report.errors);
         Self { datapath }
+    }
+
+    /// Gives every frontend on `vip` the reverse-NAT id `id`, written straight into the maps
+    /// (the agent hands out ids from 1: a large one needs this many frontends otherwise).
+    pub fn renumber_rev_nat(&mut self, vip: Ipv4Addr, id: u32) {
+        let state = self.datapath.read().unwrap();
+        let mut old_ids = BTreeSet::new();
+        for (key, value) in state.services.iter().filter(|(k, _)| k.ip() == vip) {
+            let rev_nat = state.rev_nat[&value.rev_nat_id];
+            old_ids.insert(value.rev_nat_id);
+            let renumbered = ServiceValue {
+                rev_nat_id: id,
+                ..*value
+            };
+            self.datapath.write(&MapOp::PutRevNat(id, rev_nat)).unwrap();
+            self.datapath
+                .write(&MapOp::PutService(*key, renumbered))
+                .unwrap();
+        }
+        for old in old_ids {
+            self.datapath.write(&MapOp::DeleteRevNat(old)).unwrap();
+        }
     }
 
     /// The frame through the node: the TC action and the frame that leaves it.
