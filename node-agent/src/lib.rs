@@ -2,6 +2,7 @@
 //!
 //! sources (manifest directory) → model → proxy (compile → diff) → datapath (eBPF maps).
 pub mod agent;
+pub mod cri;
 pub mod datapath;
 pub mod health;
 pub mod lb;

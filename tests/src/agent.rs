@@ -218,7 +218,7 @@ pub fn run_to_exit(binary: &Path, node: &Netns, args: &[&str]) -> anyhow::Result
 
 /// A command that runs `binary` inside the network namespace `netns` (an open /run/netns file
 /// that must outlive the spawn).
-fn in_netns(binary: &Path, netns: &File) -> Command {
+pub(crate) fn in_netns(binary: &Path, netns: &File) -> Command {
     let mut command = Command::new(binary);
     command.stdin(Stdio::null());
     let fd = netns.as_raw_fd();

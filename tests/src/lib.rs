@@ -1,8 +1,10 @@
 //! Test fixtures for node-agent: network namespaces and veths, backend servers, the agent
-//! process and manifests. Every fixture cleans up on Drop, also when a test fails.
+//! process, manifests, locally built OCI images and a containerd. Every fixture cleans up on Drop, also when a test fails.
 pub mod agent;
 pub mod backend;
 pub mod client;
+pub mod containerd;
+pub mod image;
 pub mod manifest;
 pub mod netns;
 pub mod topology;

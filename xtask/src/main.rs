@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | test | demo`.
+//! Project tasks: `cargo xtask setup | build-ebpf | test | demo | bench | images`.
 mod bench;
 mod demo;
 mod setup;
@@ -30,6 +30,12 @@ enum Task {
     Demo,
     /// Measure node-agent against kube-proxy's iptables and nftables modes (needs root).
     Bench(bench::BenchArgs),
+    /// Build the local OCI images (pause, busybox) as archives for `ctr images import`.
+    Images {
+        /// Default: target/images in the workspace.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,6 +65,15 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             cargo(&root, &["build", "--release", "--package", "node-agent"])?;
             bench::run(&root.join("target/release/node-agent"), args)
+        }
+        Task::Images { out } => {
+            setup::run()?;
+            for archive in
+                node_agent_tests::image::build_all(&out.unwrap_or(root.join("target/images")))?
+            {
+                println!("{}", archive.display());
+            }
+            Ok(())
         }
     }
 }

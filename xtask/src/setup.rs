@@ -7,7 +7,8 @@ use crate::exec;
 
 /// Debian packages: LLVM 22 to build bpf-linker; iproute2 and ethtool for the namespace tests;
 /// iptables (legacy and nf_tables backends) and nftables for the kube-proxy baselines of the
-/// benchmark.
+/// benchmark; containerd, runc, the CNI plugins (in /usr/lib/cni), busybox-static (the test
+/// image's userland) and protoc (k8s-cri's build script) for the CRI tests.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -18,6 +19,11 @@ const PACKAGES: &[&str] = &[
     "ethtool",
     "iptables",
     "nftables",
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+    "busybox-static",
+    "protobuf-compiler",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
