@@ -142,29 +142,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             Some(first) = changes.recv() => {
                 // The watcher reports complete writes only, so nothing waits for a write to
                 // finish: what is already queued is applied together, and that is all.
-                let mut paths = BTreeSet::new();
-                let mut everything = false;
-                for watched in std::iter::once(first).chain(std::iter::from_fn(|| changes.try_recv().ok())) {
-                    match watched {
-                        Watched::Path(path) => { paths.insert(path); }
-                        Watched::Everything => everything = true,
-                    }
-                }
-                let loaded = if everything {
-                    state.manifests.load()
-                } else {
-                    Ok(state.manifests.reload(paths))
-                };
-                let result = match loaded {
-                    Ok(loaded) => {
-                        report(&loaded);
-                        let files = loaded.parsed;
-                        state.proxy.stage(loaded.changes);
-                        state.sync(files).await
-                    }
-                    Err(e) => Err(e),
-                };
-                match result {
+                let queued: Vec<Watched> = std::iter::once(first)
+                    .chain(std::iter::from_fn(|| changes.try_recv().ok()))
+                    .collect();
+                match state.apply(queued).await {
                     Ok(()) => health.synced(),
                     Err(e) => error!("sync failed: {e:#}"),
                 }
@@ -198,6 +179,30 @@ struct NodeState {
 }
 
 impl NodeState {
+    /// Reads the paths the watcher named (every manifest when it lost track), and writes the
+    /// difference they make.
+    async fn apply(&mut self, watched: Vec<Watched>) -> anyhow::Result<()> {
+        let mut paths = BTreeSet::new();
+        let mut everything = false;
+        for w in watched {
+            match w {
+                Watched::Path(path) => {
+                    paths.insert(path);
+                }
+                Watched::Everything => everything = true,
+            }
+        }
+        let loaded = if everything {
+            self.manifests.load()?
+        } else {
+            self.manifests.reload(paths)
+        };
+        report(&loaded);
+        let files = loaded.parsed;
+        self.proxy.stage(loaded.changes);
+        self.sync(files).await
+    }
+
     /// Writes what was staged; `files` were read for it.
     async fn sync(&mut self, files: usize) -> anyhow::Result<()> {
         let report = self.proxy.sync(&mut self.datapath)?;
