@@ -4,7 +4,9 @@
 pub mod agent;
 pub mod cri;
 pub mod datapath;
+pub mod endpoints;
 pub mod health;
+pub mod kubelet;
 pub mod lb;
 pub mod memory;
 pub mod model;

@@ -1,0 +1,1 @@
+//! The built-in endpoints controller (standalone): EndpointSlices from the local pods a Service selects.

@@ -1,0 +1,1 @@
+//! See kubelet/mod.rs.
