@@ -1,6 +1,9 @@
-//! `node-agent run`: the datapath fed from a manifest directory until SIGTERM.
+//! `node-agent run`: the node fed from a manifest directory until SIGTERM: the datapath from
+//! its Services and EndpointSlices, the kubelet from its Pods, and the built-in endpoints
+//! controller between them.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
+    fs,
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     time::Instant,
@@ -13,11 +16,15 @@ use tokio::{
 };
 use tracing::{debug, error, info, warn};
 
+use k8s_openapi::api::core::v1::Pod;
+
 use crate::{
     datapath::Datapath,
-    health::{self, ServiceHealthServers},
+    endpoints::{Endpoints, LocalPod},
+    health::{self, Health, ServiceHealthServers},
+    kubelet::{self, Kubelet, PodChanges, cni},
     memory,
-    model::{Ipv4Cidr, Node},
+    model::{Changes, Ipv4Cidr, Node, ObjectName},
     proxy::Proxy,
     source::manifest::{self, ManifestDir, Watched},
 };
@@ -28,6 +35,18 @@ pub struct RunConfig {
     pub health_bind: SocketAddr,
     pub bpffs: PathBuf,
     pub node: NodeConfig,
+    /// None: Service proxy only.
+    pub kubelet: Option<KubeletConfig>,
+}
+
+/// The embedded kubelet's runtime, pod network and directories.
+pub struct KubeletConfig {
+    pub cri_endpoint: String,
+    /// The node's pod range: the agent writes the CNI network for it.
+    pub pod_cidr: Option<Ipv4Cidr>,
+    pub cni_conf_dir: PathBuf,
+    pub root_dir: PathBuf,
+    pub cgroup_root: String,
 }
 
 /// The node's identity and addressing, as given on the command line.
@@ -99,10 +118,19 @@ fn device_addresses(devices: &[String]) -> anyhow::Result<Vec<Ipv4Addr>> {
     Ok(ips)
 }
 
-pub async fn run(config: RunConfig) -> anyhow::Result<()> {
+pub async fn run(mut config: RunConfig) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    let (node, datapath_config) = config.node.resolve(&device_addresses(&config.devices)?);
+    let mut ips = device_addresses(&config.devices)?;
+    let pod_cidr = config.kubelet.as_ref().and_then(|k| k.pod_cidr);
+    if let Some(cidr) = pod_cidr {
+        // Pods are cluster traffic; with no device given, the node is its pod gateway.
+        config.node.cluster_cidr.get_or_insert(cidr);
+        if ips.is_empty() {
+            ips.push(cni::gateway(cidr));
+        }
+    }
+    let (node, datapath_config) = config.node.resolve(&ips);
     info!(node = %node.name, nodeport_ips = ?node.nodeport_ips, "node");
     let mut datapath = Datapath::load(&config.bpffs, &datapath_config)?;
     for device in &config.devices {
@@ -112,21 +140,57 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let health = health::Health::default();
     health::serve(config.health_bind, health.clone()).await?;
 
+    let (kubelet_events, mut pod_events) = mpsc::unbounded_channel();
+    let kubelet = match config.kubelet {
+        Some(k) => {
+            if let Some(cidr) = k.pod_cidr {
+                let path = cni::write(&k.cni_conf_dir, cidr, &k.root_dir.join("ipam"))?;
+                info!(pod_cidr = %cidr, cni_config = %path.display(), "pod network");
+            }
+            let settings = kubelet::Settings {
+                cri_endpoint: k.cri_endpoint,
+                node_name: node.name.clone(),
+                host_ip: node.ips.first().copied(),
+                sandbox: kubelet::spec::SandboxSettings {
+                    cgroup_root: k.cgroup_root,
+                    log_root: k.root_dir.join("logs"),
+                },
+                root_dir: k.root_dir,
+            };
+            Some(Kubelet::spawn(settings, kubelet_events))
+        }
+        None => None,
+    };
+
     let (changed, mut changes) = mpsc::unbounded_channel();
     let _watcher = manifest::watch(&config.manifests, changed)?;
     let mut state = NodeState {
         manifests: ManifestDir::new(&config.manifests),
+        endpoints: Endpoints::new(node.name.clone()),
         proxy: Proxy::new(node),
         datapath,
         health_checks: ServiceHealthServers::default(),
+        kubelet,
+        pods: BTreeMap::new(),
+        pod_devices: BTreeSet::new(),
+        health: health.clone(),
     };
-    // The first load hands each file's objects to the proxy as soon as it is parsed.
+    // The first load hands each file's objects on as soon as it is parsed.
     let (start, mut files) = (Instant::now(), 0);
+    let mut first = PodChanges::default();
     state.manifests.load_each(&mut |loaded| {
         files += loaded.parsed;
         report(&loaded);
-        state.proxy.stage(loaded.changes);
+        let mut changes = loaded.changes;
+        first.pods.append(&mut changes.pods);
+        first.config_maps.append(&mut changes.config_maps);
+        first.secrets.append(&mut changes.secrets);
+        state.stage(changes);
     })?;
+    // The kubelet gets every pod at once: what it does not get now it may remove as left over.
+    if let Some(kubelet) = &state.kubelet {
+        kubelet.apply(first);
+    }
     info!(
         files,
         elapsed_us = start.elapsed().as_micros() as u64,
@@ -148,6 +212,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 match state.apply(queued).await {
                     Ok(()) => health.synced(),
                     Err(e) => error!("sync failed: {e:#}"),
+                }
+            }
+            Some(first) = pod_events.recv() => {
+                let queued: Vec<kubelet::Event> = std::iter::once(first)
+                    .chain(std::iter::from_fn(|| pod_events.try_recv().ok()))
+                    .collect();
+                if let Err(e) = state.pods_changed(queued).await {
+                    error!("sync failed: {e:#}");
                 }
             }
             _ = sigterm.recv() => break,
@@ -176,6 +248,14 @@ struct NodeState {
     proxy: Proxy,
     datapath: Datapath,
     health_checks: ServiceHealthServers,
+    /// None when the agent is a Service proxy only.
+    kubelet: Option<Kubelet>,
+    endpoints: Endpoints,
+    /// The node's pods as the kubelet last reported them.
+    pods: BTreeMap<ObjectName, Pod>,
+    /// The pods' host-side interfaces the datapath is attached to.
+    pod_devices: BTreeSet<String>,
+    health: Health,
 }
 
 impl NodeState {
@@ -199,8 +279,89 @@ impl NodeState {
         };
         report(&loaded);
         let files = loaded.parsed;
-        self.proxy.stage(loaded.changes);
+        let mut changes = loaded.changes;
+        if let Some(kubelet) = &self.kubelet {
+            kubelet.apply(PodChanges {
+                pods: std::mem::take(&mut changes.pods),
+                config_maps: std::mem::take(&mut changes.config_maps),
+                secrets: std::mem::take(&mut changes.secrets),
+            });
+        }
+        self.stage(changes);
         self.sync(files).await
+    }
+
+    /// Stages Service and EndpointSlice changes, with the endpoints the Services' selectors
+    /// now pick among the node's pods.
+    fn stage(&mut self, mut changes: Changes) {
+        self.endpoints.apply_services(&changes.services);
+        changes.endpoint_slices.extend(self.endpoints.take_changes());
+        self.proxy.stage(changes);
+    }
+
+    /// Follows what the kubelet reported: pod statuses into the endpoints and `/pods`, pod
+    /// interfaces into the datapath.
+    async fn pods_changed(&mut self, events: Vec<kubelet::Event>) -> anyhow::Result<()> {
+        let mut attached = Vec::new();
+        let mut changed = false;
+        for event in events {
+            match event {
+                kubelet::Event::Pod(name, pod) => {
+                    changed = true;
+                    self.endpoints
+                        .set_pod(name.clone(), pod.as_ref().map(LocalPod::from_pod));
+                    match pod {
+                        Some(pod) => self.pods.insert(name, pod),
+                        None => self.pods.remove(&name),
+                    };
+                }
+                kubelet::Event::Network(done) => attached.push(done),
+            }
+        }
+        if !attached.is_empty() {
+            self.follow_pod_interfaces();
+            for done in attached {
+                let _ = done.send(());
+            }
+        }
+        if !changed {
+            return Ok(());
+        }
+        self.health.set_pods(self.pods.values().cloned().collect());
+        let slices = self.endpoints.take_changes();
+        if slices.is_empty() {
+            return Ok(());
+        }
+        self.proxy.stage(Changes {
+            endpoint_slices: slices,
+            ..Default::default()
+        });
+        self.sync(0).await
+    }
+
+    /// Attaches the datapath to pod interfaces that appeared on the pod bridge and lets go
+    /// of those that left, so pods reach Services.
+    fn follow_pod_interfaces(&mut self) {
+        let ports: BTreeSet<String> = fs::read_dir(format!("/sys/class/net/{}/brif", cni::BRIDGE))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        for gone in self.pod_devices.difference(&ports).cloned().collect::<Vec<_>>() {
+            self.datapath.detach(&gone);
+            self.pod_devices.remove(&gone);
+            debug!(device = %gone, "pod interface gone");
+        }
+        for new in ports.difference(&self.pod_devices).cloned().collect::<Vec<_>>() {
+            match self.datapath.attach(&new) {
+                Ok(()) => {
+                    debug!(device = %new, "datapath attached to pod interface");
+                    self.pod_devices.insert(new);
+                }
+                Err(e) => warn!("pod interface {new}: {e:#}"),
+            }
+        }
     }
 
     /// Writes what was staged; `files` were read for it.

@@ -5,9 +5,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::{
-    ContainerConfig, ContainerStatus, ContainerStatusRequest, CreateContainerRequest,
+    ContainerConfig, ContainerFilter, ContainerStatus, ContainerStatusRequest, CreateContainerRequest,
     ExecSyncRequest, ExecSyncResponse, Image, ImageSpec, ImageStatusRequest, ListContainersRequest,
-    ListPodSandboxRequest, PodSandbox, PodSandboxConfig, PodSandboxStatus, PodSandboxStatusRequest,
+    ListPodSandboxRequest, PodSandbox, PodSandboxConfig, PodSandboxFilter, PullImageRequest, PodSandboxStatus, PodSandboxStatusRequest,
     RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
     StatusRequest, StopContainerRequest, StopPodSandboxRequest, VersionRequest, VersionResponse,
     image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient,
@@ -18,6 +18,8 @@ use tonic::transport::{Channel, Endpoint};
 /// Polling interval while waiting for the runtime.
 const POLL: Duration = Duration::from_millis(50);
 
+/// Cheap to clone: the clones share one connection (each pod worker and prober holds one).
+#[derive(Clone)]
 pub struct Cri {
     endpoint: String,
     runtime: RuntimeServiceClient<Channel>,
@@ -127,11 +129,37 @@ impl Cri {
             .with_context(|| format!("{}: PodSandboxStatus {id}: no status", self.endpoint))
     }
 
-    pub async fn list_pod_sandboxes(&mut self) -> anyhow::Result<Vec<PodSandbox>> {
-        let response = self
-            .runtime
-            .list_pod_sandbox(ListPodSandboxRequest { filter: None })
-            .await;
+    /// Pulls `image` (with the sandbox's config, as the kubelet does) and returns its reference.
+    pub async fn pull_image(
+        &mut self,
+        image: &str,
+        sandbox: &PodSandboxConfig,
+    ) -> anyhow::Result<String> {
+        let request = PullImageRequest {
+            image: Some(ImageSpec {
+                image: image.into(),
+                ..Default::default()
+            }),
+            auth: None,
+            sandbox_config: Some(sandbox.clone()),
+        };
+        let response = self.images.pull_image(request).await;
+        Ok(self.call("PullImage", response)?.image_ref)
+    }
+
+    /// The sandboxes carrying every label of `labels` (all of them when empty).
+    pub async fn list_pod_sandboxes(
+        &mut self,
+        labels: &[(&str, &str)],
+    ) -> anyhow::Result<Vec<PodSandbox>> {
+        let filter = PodSandboxFilter {
+            label_selector: label_selector(labels),
+            ..Default::default()
+        };
+        let request = ListPodSandboxRequest {
+            filter: Some(filter),
+        };
+        let response = self.runtime.list_pod_sandbox(request).await;
         Ok(self.call("ListPodSandbox", response)?.items)
     }
 
@@ -186,11 +214,19 @@ impl Cri {
             .with_context(|| format!("{}: ContainerStatus {id}: no status", self.endpoint))
     }
 
-    pub async fn list_containers(&mut self) -> anyhow::Result<Vec<k8s_cri::v1::Container>> {
-        let response = self
-            .runtime
-            .list_containers(ListContainersRequest { filter: None })
-            .await;
+    /// The containers carrying every label of `labels` (all of them when empty).
+    pub async fn list_containers(
+        &mut self,
+        labels: &[(&str, &str)],
+    ) -> anyhow::Result<Vec<k8s_cri::v1::Container>> {
+        let filter = ContainerFilter {
+            label_selector: label_selector(labels),
+            ..Default::default()
+        };
+        let request = ListContainersRequest {
+            filter: Some(filter),
+        };
+        let response = self.runtime.list_containers(request).await;
         Ok(self.call("ListContainers", response)?.containers)
     }
 
@@ -243,6 +279,13 @@ impl Cri {
             )
         })
     }
+}
+
+fn label_selector(labels: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
+    labels
+        .iter()
+        .map(|&(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
 }
 
 /// A gRPC channel over the unix socket at `path` (the URI is a placeholder tonic requires).

@@ -1,6 +1,7 @@
 //! The eBPF datapath: loading, attaching, pinning and reading node-ebpf's programs and maps.
 //! Nothing else in the agent touches aya.
 use std::{
+    collections::BTreeMap,
     fs, io,
     net::Ipv4Addr,
     path::{Path, PathBuf},
@@ -13,7 +14,10 @@ use aya::{
         HashMap, Map, MapData,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::{Program, SchedClassifier, TcAttachType, TestRun, TestRunOptions},
+    programs::{
+        Program, SchedClassifier, TcAttachType, TestRun, TestRunOptions,
+        tc::SchedClassifierLinkId,
+    },
 };
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 use node_common::{
@@ -72,6 +76,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     _pins: Pins,
     maps: ServiceMaps,
+    /// The devices the programs are attached to, with their links.
+    attached: BTreeMap<String, Vec<(Hook, SchedClassifierLinkId)>>,
 }
 
 /// The maps the agent writes.
@@ -129,19 +135,35 @@ impl Datapath {
             maps,
             ebpf,
             _pins: pins,
+            attached: BTreeMap::new(),
         })
     }
 
     /// Attaches the programs to `device`'s ingress and egress (TCX on this kernel).
     pub fn attach(&mut self, device: &str) -> anyhow::Result<()> {
+        let mut links = Vec::new();
         for hook in Hook::ALL {
             let program: &mut SchedClassifier = self.program(hook)?.try_into()?;
-            program
+            let link = program
                 .attach(device, hook.attach_type())
                 .with_context(|| format!("attaching {} to device {device}", hook.program()))?;
+            links.push((hook, link));
         }
+        self.attached.insert(device.to_owned(), links);
         Ok(())
     }
+
+    /// Detaches the programs from `device`; a device already gone took its links with it.
+    pub fn detach(&mut self, device: &str) {
+        for (hook, link) in self.attached.remove(device).unwrap_or_default() {
+            if let Ok(program) = self.program(hook)
+                && let Ok(program) = <&mut SchedClassifier>::try_from(program)
+            {
+                let _ = program.detach(link);
+            }
+        }
+    }
+
 
     fn program(&mut self, hook: Hook) -> anyhow::Result<&mut Program> {
         let name = hook.program();

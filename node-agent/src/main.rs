@@ -21,13 +21,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Program the datapath from a manifest directory and keep it in sync until SIGTERM.
+    /// Run the node from a manifest directory until SIGTERM: its pods through the container
+    /// runtime, its Services in the datapath.
     Run {
-        /// Directory of Service and EndpointSlice manifests (*.yaml, *.yml, *.json).
+        /// Directory of Service, EndpointSlice, Pod, ConfigMap and Secret manifests
+        /// (*.yaml, *.yml, *.json).
         #[arg(long)]
         manifests: PathBuf,
-        /// Devices to attach the TC ingress program to, comma-separated.
-        #[arg(long, value_delimiter = ',', required = true)]
+        /// Node devices to attach the datapath to, comma-separated (pod interfaces are found
+        /// on their own).
+        #[arg(long, value_delimiter = ',')]
         devices: Vec<String>,
         /// Address of the /healthz server.
         #[arg(long, default_value = "127.0.0.1:10256")]
@@ -36,6 +39,8 @@ enum Command {
         bpffs: Bpffs,
         #[command(flatten)]
         node: NodeArgs,
+        #[command(flatten)]
+        kubelet: KubeletArgs,
     },
     /// Inspect the load-balancing maps.
     Lb {
@@ -91,6 +96,41 @@ impl NodeArgs {
     }
 }
 
+/// The embedded kubelet (the kubelet's flags of the same names where it has them).
+#[derive(clap::Args)]
+struct KubeletArgs {
+    /// Run the node's pods; false: a Service proxy only.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    kubelet: bool,
+    /// The CRI runtime's socket.
+    #[arg(long, default_value = "unix:///run/containerd/containerd.sock")]
+    cri_endpoint: String,
+    /// The node's pod range: the agent writes the CNI network (bridge + host-local) for it.
+    #[arg(long)]
+    pod_cidr: Option<Ipv4Cidr>,
+    /// Where the runtime reads CNI networks from.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+    /// Pod volumes, logs and IPAM state.
+    #[arg(long, default_value = "/var/lib/node-agent")]
+    root_dir: PathBuf,
+    /// The cgroup pods go under (cgroupfs driver).
+    #[arg(long, default_value = "/kubepods")]
+    cgroup_root: String,
+}
+
+impl KubeletArgs {
+    fn into_config(self) -> Option<agent::KubeletConfig> {
+        self.kubelet.then_some(agent::KubeletConfig {
+            cri_endpoint: self.cri_endpoint,
+            pod_cidr: self.pod_cidr,
+            cni_conf_dir: self.cni_conf_dir,
+            root_dir: self.root_dir,
+            cgroup_root: self.cgroup_root,
+        })
+    }
+}
+
 #[derive(clap::Args)]
 struct Bpffs {
     /// Where the datapath's maps are pinned.
@@ -113,6 +153,7 @@ fn main() -> anyhow::Result<()> {
             health_bind,
             bpffs,
             node,
+            kubelet,
         } => {
             let config = agent::RunConfig {
                 manifests,
@@ -120,6 +161,7 @@ fn main() -> anyhow::Result<()> {
                 health_bind,
                 bpffs: bpffs.dir,
                 node: node.into_config()?,
+                kubelet: kubelet.into_config(),
             };
             tokio::runtime::Runtime::new()?.block_on(agent::run(config))
         }

@@ -109,8 +109,8 @@ async fn pod_serves_http_and_tears_down() {
     cri.stop_pod_sandbox(&pod).await.unwrap();
     cri.remove_pod_sandbox(&pod).await.unwrap();
     eprintln!("stop + remove container and sandbox {:?}", t.elapsed());
-    assert!(cri.list_containers().await.unwrap().is_empty());
-    assert!(cri.list_pod_sandboxes().await.unwrap().is_empty());
+    assert!(cri.list_containers(&[]).await.unwrap().is_empty());
+    assert!(cri.list_pod_sandboxes(&[]).await.unwrap().is_empty());
     let gone = cri.container_status(&id).await.unwrap_err();
     assert!(format!("{gone:#}").contains("NotFound"), "{gone:#}");
 }
