@@ -18,6 +18,7 @@ use tonic::transport::{Channel, Endpoint};
 /// Polling interval while waiting for the runtime.
 const POLL: Duration = Duration::from_millis(50);
 
+#[derive(Clone)]
 pub struct Cri {
     endpoint: String,
     runtime: RuntimeServiceClient<Channel>,
