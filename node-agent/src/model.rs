@@ -96,10 +96,18 @@ pub struct Ipv4Cidr {
 
 impl Ipv4Cidr {
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        let mask = u32::MAX
+        u32::from(ip) & self.mask() == u32::from(self.network())
+    }
+
+    /// The first address of the prefix (`10.88.0.0` for `10.88.0.7/24`).
+    pub fn network(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.address) & self.mask())
+    }
+
+    fn mask(&self) -> u32 {
+        u32::MAX
             .checked_shl(32 - u32::from(self.prefix))
-            .unwrap_or(0);
-        u32::from(ip) & mask == u32::from(self.address) & mask
+            .unwrap_or(0)
     }
 }
 
