@@ -114,13 +114,13 @@ impl Endpoints {
             return;
         }
         // The Services that selected it, or select it now.
-        let labels = [old, state.as_ref()]
-            .into_iter()
-            .flatten()
-            .map(|p| &p.labels);
-        let labels: Vec<_> = labels.collect();
+        let states = [old, state.as_ref()];
         for (service, selecting) in in_namespace(&self.services, &pod.namespace) {
-            if labels.iter().any(|l| selecting.selects(l)) {
+            if states
+                .iter()
+                .flatten()
+                .any(|p| selecting.selects(&p.labels))
+            {
                 self.touched.insert(service.clone());
             }
         }
