@@ -1,6 +1,7 @@
 //! The agent's HTTP health answers, shaped like kube-proxy's: `GET /healthz` (200 once the
 //! first full sync is in the maps, 503 before) and the per-Service healthCheckNodePort servers
 //! of externalTrafficPolicy Local (200 while the node has local endpoints, 503 otherwise).
+//! `GET /pods` answers the pods the kubelet runs, with their status (`node-agent pods`).
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
@@ -16,6 +17,7 @@ use axum::{
     routing::get,
 };
 use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Pod;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
@@ -24,11 +26,26 @@ use crate::proxy::HealthCheck;
 #[derive(Clone, Default)]
 pub struct Health {
     last_sync: Arc<Mutex<Option<Timestamp>>>,
+    /// Sorted by namespace, then name.
+    pods: Arc<Mutex<Arc<Vec<Pod>>>>,
 }
 
 impl Health {
     pub fn synced(&self) {
         *self.last_sync.lock().unwrap_or_else(|e| e.into_inner()) = Some(Timestamp::now());
+    }
+
+    /// The pods the kubelet reports now, with their status.
+    pub fn set_pods(&self, mut pods: Vec<Pod>) {
+        let key = |p: &Pod| (p.metadata.namespace.clone(), p.metadata.name.clone());
+        pods.sort_by_cached_key(key);
+        *self.pods.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(pods);
+    }
+
+    fn pods(&self) -> Json<Vec<Pod>> {
+        // Copied outside the lock: the kubelet never waits for a reader.
+        let pods = Arc::clone(&self.pods.lock().unwrap_or_else(|e| e.into_inner()));
+        Json(pods.to_vec())
     }
 
     fn status(&self) -> (StatusCode, Json<Value>) {
@@ -46,15 +63,23 @@ impl Health {
     }
 }
 
-/// Binds `addr` now, so a taken port fails the start, and serves `/healthz` in the background.
+/// Binds `addr` now, so a taken port fails the start, and serves `/healthz` and `/pods` in the
+/// background.
 pub async fn serve(addr: SocketAddr, health: Health) -> anyhow::Result<()> {
-    let app = Router::new()
+    spawn(addr, router(health)).await.map(drop)
+}
+
+fn router(health: Health) -> Router {
+    Router::new()
         .route(
             "/healthz",
             get(|State(h): State<Health>| async move { h.status() }),
         )
-        .with_state(health);
-    spawn(addr, app).await.map(drop)
+        .route(
+            "/pods",
+            get(|State(h): State<Health>| async move { h.pods() }),
+        )
+        .with_state(health)
 }
 
 async fn spawn(addr: SocketAddr, app: Router) -> anyhow::Result<JoinHandle<()>> {
@@ -130,4 +155,52 @@ async fn service_health(State(state): State<Arc<Mutex<HealthCheck>>>) -> impl In
         [(header::X_CONTENT_TYPE_OPTIONS, "nosniff")],
         Json(body),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn pod(namespace: &str, name: &str) -> Pod {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace},
+            "status": {"phase": "Running", "podIP": "10.88.0.2"},
+        }))
+        .unwrap()
+    }
+
+    /// `node-agent pods` reads what the kubelet set, sorted by namespace and name.
+    #[tokio::test]
+    async fn pods_are_served_sorted_to_node_agent_pods() {
+        let health = Health::default();
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(axum::serve(listener, router(health.clone())).into_future());
+        let fetch = || tokio::task::spawn_blocking(move || crate::pods::fetch(addr));
+
+        assert_eq!(fetch().await.unwrap().unwrap(), []);
+        health.set_pods(vec![
+            pod("prod", "b"),
+            pod("default", "z"),
+            pod("prod", "a"),
+        ]);
+        let names: Vec<String> = (fetch().await.unwrap().unwrap().iter())
+            .map(|p| {
+                format!(
+                    "{}/{}",
+                    p.metadata.namespace.as_deref().unwrap(),
+                    p.metadata.name.as_deref().unwrap()
+                )
+            })
+            .collect();
+        assert_eq!(names, ["default/z", "prod/a", "prod/b"]);
+        let served = fetch().await.unwrap().unwrap();
+        assert_eq!(served[0], pod("default", "z"), "the whole object");
+        server.abort();
+    }
 }

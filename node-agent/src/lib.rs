@@ -10,5 +10,6 @@ pub mod kubelet;
 pub mod lb;
 pub mod memory;
 pub mod model;
+pub mod pods;
 pub mod proxy;
 pub mod source;

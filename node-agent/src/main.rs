@@ -5,7 +5,7 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
-use node_agent::{agent, datapath, lb, model::Ipv4Cidr};
+use node_agent::{agent, datapath, lb, model::Ipv4Cidr, pods};
 use tracing_subscriber::EnvFilter;
 
 #[global_allocator]
@@ -41,6 +41,14 @@ enum Command {
         node: NodeArgs,
         #[command(flatten)]
         kubelet: KubeletArgs,
+    },
+    /// The pods the running agent's kubelet reports, with their status.
+    Pods {
+        /// Address of the running agent's health server.
+        #[arg(long, default_value = "127.0.0.1:10256")]
+        health_bind: SocketAddr,
+        #[arg(short, long, value_enum, default_value_t = pods::Output::Table)]
+        output: pods::Output,
     },
     /// Inspect the load-balancing maps.
     Lb {
@@ -164,6 +172,13 @@ fn main() -> anyhow::Result<()> {
                 kubelet: kubelet.into_config(),
             };
             tokio::runtime::Runtime::new()?.block_on(agent::run(config))
+        }
+        Command::Pods {
+            health_bind,
+            output,
+        } => {
+            print!("{}", pods::show(health_bind, output)?);
+            Ok(())
         }
         Command::Lb {
             command: LbCommand::List { bpffs },

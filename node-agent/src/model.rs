@@ -2,7 +2,10 @@
 //! by name.
 use std::{collections::BTreeMap, fmt, net::Ipv4Addr, str::FromStr, sync::Arc};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{ConfigMap, Pod, Secret, Service},
+    discovery::v1::EndpointSlice,
+};
 
 /// `namespace/name`, the identity of a namespaced object. Cheap to clone: the proxy keeps it in
 /// several indexes for every object.
@@ -20,22 +23,33 @@ impl fmt::Display for ObjectName {
 
 /// What changed since the source last reported (kube-rs watcher style): each object applied,
 /// with its new version, or deleted (`None`). An object applied again unchanged is allowed;
-/// the proxy notices that nothing it uses changed.
+/// the proxy notices that nothing it uses changed. The proxy uses Services and EndpointSlices;
+/// the kubelet Pods and the ConfigMaps and Secrets they reference.
 #[derive(Debug, Default)]
 pub struct Changes {
     pub services: BTreeMap<ObjectName, Option<Service>>,
     pub endpoint_slices: BTreeMap<ObjectName, Option<EndpointSlice>>,
+    pub pods: BTreeMap<ObjectName, Option<Pod>>,
+    pub config_maps: BTreeMap<ObjectName, Option<ConfigMap>>,
+    pub secrets: BTreeMap<ObjectName, Option<Secret>>,
 }
 
 impl Changes {
     pub fn is_empty(&self) -> bool {
-        self.services.is_empty() && self.endpoint_slices.is_empty()
+        self.services.is_empty()
+            && self.endpoint_slices.is_empty()
+            && self.pods.is_empty()
+            && self.config_maps.is_empty()
+            && self.secrets.is_empty()
     }
 
     /// These changes followed by `later` ones.
     pub fn extend(&mut self, later: Changes) {
         self.services.extend(later.services);
         self.endpoint_slices.extend(later.endpoint_slices);
+        self.pods.extend(later.pods);
+        self.config_maps.extend(later.config_maps);
+        self.secrets.extend(later.secrets);
     }
 }
 
@@ -82,10 +96,18 @@ pub struct Ipv4Cidr {
 
 impl Ipv4Cidr {
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        let mask = u32::MAX
+        u32::from(ip) & self.mask() == u32::from(self.network())
+    }
+
+    /// The first address of the prefix (`10.88.0.0` for `10.88.0.7/24`).
+    pub fn network(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.address) & self.mask())
+    }
+
+    fn mask(&self) -> u32 {
+        u32::MAX
             .checked_shl(32 - u32::from(self.prefix))
-            .unwrap_or(0);
-        u32::from(ip) & mask == u32::from(self.address) & mask
+            .unwrap_or(0)
     }
 }
 
@@ -112,5 +134,49 @@ impl FromStr for Ipv4Cidr {
 impl fmt::Display for Ipv4Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.address, self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(name: &str) -> ObjectName {
+        ObjectName {
+            namespace: "default".into(),
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn later_changes_win_for_every_kind() {
+        let mut changes = Changes::default();
+        assert!(changes.is_empty());
+        changes.pods.insert(name("web"), Some(Pod::default()));
+        assert!(!changes.is_empty());
+        changes
+            .secrets
+            .insert(name("creds"), Some(Secret::default()));
+        let mut later = Changes::default();
+        later.pods.insert(name("web"), None);
+        later
+            .config_maps
+            .insert(name("cfg"), Some(ConfigMap::default()));
+        changes.extend(later);
+        assert_eq!(changes.pods, BTreeMap::from([(name("web"), None)]));
+        assert_eq!(changes.config_maps.len(), 1);
+        assert_eq!(changes.secrets.len(), 1);
+        for only in [
+            Changes {
+                config_maps: BTreeMap::from([(name("c"), None)]),
+                ..Default::default()
+            },
+            Changes {
+                secrets: BTreeMap::from([(name("s"), None)]),
+                ..Default::default()
+            },
+        ] {
+            assert!(!only.is_empty());
+        }
     }
 }

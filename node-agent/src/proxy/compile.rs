@@ -1095,6 +1095,7 @@ mod tests {
         Changes {
             services: services.into_iter().map(|(n, s)| (n, Some(s))).collect(),
             endpoint_slices: slices.into_iter().map(|(n, s)| (n, Some(s))).collect(),
+            ..Changes::default()
         }
     }
 

@@ -1,5 +1,6 @@
-//! The standalone source: Kubernetes objects from `*.yaml`, `*.yml` and `*.json` files in a
-//! directory (multi-document YAML and `kind: List` allowed). After the first load only the
+//! The standalone source: Kubernetes objects (Services, EndpointSlices, Pods, ConfigMaps and
+//! Secrets) from `*.yaml`, `*.yml` and `*.json` files in a directory (multi-document YAML and
+//! `kind: List` allowed). After the first load only the
 //! files the watcher names are read again, and only the objects in them are reported changed.
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -10,8 +11,11 @@ use std::{
 
 use anyhow::Context as _;
 use k8s_openapi::{
-    Resource,
-    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    ByteString, Resource,
+    api::{
+        core::v1::{ConfigMap, Pod, Secret, Service},
+        discovery::v1::EndpointSlice,
+    },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
     serde::{Deserialize as _, de::DeserializeOwned},
 };
@@ -79,6 +83,9 @@ pub struct ManifestDir {
 enum Kind {
     Service,
     EndpointSlice,
+    Pod,
+    ConfigMap,
+    Secret,
 }
 
 impl Kind {
@@ -86,6 +93,30 @@ impl Kind {
         match self {
             Kind::Service => Service::KIND,
             Kind::EndpointSlice => EndpointSlice::KIND,
+            Kind::Pod => Pod::KIND,
+            Kind::ConfigMap => ConfigMap::KIND,
+            Kind::Secret => Secret::KIND,
+        }
+    }
+
+    /// Reports the object `name` of this kind as deleted.
+    fn delete(self, name: ObjectName, changes: &mut Changes) {
+        match self {
+            Kind::Service => {
+                changes.services.insert(name, None);
+            }
+            Kind::EndpointSlice => {
+                changes.endpoint_slices.insert(name, None);
+            }
+            Kind::Pod => {
+                changes.pods.insert(name, None);
+            }
+            Kind::ConfigMap => {
+                changes.config_maps.insert(name, None);
+            }
+            Kind::Secret => {
+                changes.secrets.insert(name, None);
+            }
         }
     }
 }
@@ -316,14 +347,7 @@ impl ManifestDir {
             });
             match object {
                 Some(object) => object.apply(key.1, &mut loaded.changes),
-                None => match key {
-                    (Kind::Service, name) => {
-                        loaded.changes.services.insert(name, None);
-                    }
-                    (Kind::EndpointSlice, name) => {
-                        loaded.changes.endpoint_slices.insert(name, None);
-                    }
-                },
+                None => key.0.delete(key.1, &mut loaded.changes),
             }
         }
         loaded
@@ -352,6 +376,9 @@ fn is_manifest(path: &Path) -> bool {
 enum Object {
     Service(ObjectName, Box<Service>),
     EndpointSlice(ObjectName, Box<EndpointSlice>),
+    Pod(ObjectName, Box<Pod>),
+    ConfigMap(ObjectName, Box<ConfigMap>),
+    Secret(ObjectName, Box<Secret>),
     /// A kind the agent does not use: `apiVersion/kind name`.
     Skipped(String),
 }
@@ -361,6 +388,9 @@ impl Object {
         match self {
             Object::Service(name, _) => Some((Kind::Service, name.clone())),
             Object::EndpointSlice(name, _) => Some((Kind::EndpointSlice, name.clone())),
+            Object::Pod(name, _) => Some((Kind::Pod, name.clone())),
+            Object::ConfigMap(name, _) => Some((Kind::ConfigMap, name.clone())),
+            Object::Secret(name, _) => Some((Kind::Secret, name.clone())),
             Object::Skipped(_) => None,
         }
     }
@@ -373,6 +403,15 @@ impl Object {
             }
             Object::EndpointSlice(_, s) => {
                 changes.endpoint_slices.insert(name, Some(*s));
+            }
+            Object::Pod(_, p) => {
+                changes.pods.insert(name, Some(*p));
+            }
+            Object::ConfigMap(_, c) => {
+                changes.config_maps.insert(name, Some(*c));
+            }
+            Object::Secret(_, s) => {
+                changes.secrets.insert(name, Some(*s));
             }
             Object::Skipped(_) => {}
         }
@@ -419,6 +458,18 @@ fn typed(mut document: Value, out: &mut Vec<Object>) -> Result<(), String> {
             let (name, s) = object::<EndpointSlice>(document, |s| &s.metadata)?;
             out.push(Object::EndpointSlice(name, Box::new(s)));
         }
+        (Pod::API_VERSION, Pod::KIND) => {
+            let (name, p) = object::<Pod>(document, |p| &p.metadata)?;
+            out.push(Object::Pod(name, Box::new(p)));
+        }
+        (ConfigMap::API_VERSION, ConfigMap::KIND) => {
+            let (name, c) = object::<ConfigMap>(document, |c| &c.metadata)?;
+            out.push(Object::ConfigMap(name, Box::new(c)));
+        }
+        (Secret::API_VERSION, Secret::KIND) => {
+            let (name, s) = object::<Secret>(document, |s| &s.metadata)?;
+            out.push(Object::Secret(name, Box::new(string_data_merged(s))));
+        }
         ("v1", "List") => {
             let Some(Value::Array(items)) = document.get_mut("items").map(Value::take) else {
                 return Err("List: items must be a list".into());
@@ -458,6 +509,18 @@ fn object<K: Resource + DeserializeOwned>(
     let namespace = meta.namespace.as_deref().unwrap_or("default").into();
     let name = name.into();
     Ok((ObjectName { namespace, name }, object))
+}
+
+/// `secret` as the API server stores it: `stringData` written into `data` (its keys win), so
+/// users of a Secret read `data` only.
+fn string_data_merged(mut secret: Secret) -> Secret {
+    if let Some(strings) = secret.string_data.take() {
+        let data = secret.data.get_or_insert_default();
+        for (key, value) in strings {
+            data.insert(key, ByteString(value.into_bytes()));
+        }
+    }
+    secret
 }
 
 /// What the watcher saw change.
@@ -531,7 +594,7 @@ mod tests {
             dir.path(),
             "a.yaml",
             &format!(
-                "{SERVICE}---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: cm}}\n---\n"
+                "{SERVICE}---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: dep}}\n---\n"
             ),
         );
         write(dir.path(), "b.json", SLICE_JSON);
@@ -559,7 +622,7 @@ mod tests {
         assert_eq!(slices, ["prod/web-1"]);
         assert_eq!(loaded.skipped.len(), 1);
         assert!(
-            loaded.skipped[0].ends_with("a.yaml: v1/ConfigMap cm"),
+            loaded.skipped[0].ends_with("a.yaml: apps/v1/Deployment dep"),
             "{:?}",
             loaded.skipped
         );
@@ -704,6 +767,146 @@ mod tests {
         let broken = manifests.reload(BTreeSet::from([dir.path().join("b.yaml")]));
         assert_eq!(changed(&broken), [pair("web", "deleted")]);
         assert_eq!(broken.errors.len(), 1);
+    }
+
+    fn pod(name: &str, image: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: prod}}\nspec: {{containers: [{{name: c, image: {image}}}]}}\n"
+        )
+    }
+
+    /// Each changed Pod and its first container's image, or "deleted".
+    fn changed_pods(loaded: &Loaded) -> Vec<(String, String)> {
+        loaded
+            .changes
+            .pods
+            .iter()
+            .map(|(name, p)| {
+                let image = p.as_ref().map_or("deleted".into(), |p| {
+                    p.spec.as_ref().unwrap().containers[0]
+                        .image
+                        .clone()
+                        .unwrap()
+                });
+                (name.to_string(), image)
+            })
+            .collect()
+    }
+
+    /// The names of changed objects, each with whether it was applied.
+    fn applied<T>(changes: &BTreeMap<ObjectName, Option<T>>) -> Vec<(String, bool)> {
+        changes
+            .iter()
+            .map(|(name, o)| (name.to_string(), o.is_some()))
+            .collect()
+    }
+
+    fn named(name: &str, applied: bool) -> (String, bool) {
+        (name.into(), applied)
+    }
+
+    #[test]
+    fn pods_config_maps_and_secrets_come_and_go_with_their_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str| dir.path().join(name);
+        write(
+            dir.path(),
+            "a.yaml",
+            &format!(
+                "{}---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: cfg}}\ndata: {{a: x}}\n---\n\
+                 apiVersion: v1\nkind: Secret\nmetadata: {{name: creds}}\n\
+                 data: {{user: YWRtaW4=, pass: b2xk}}\nstringData: {{pass: new}}\n",
+                pod("web", "busybox:1")
+            ),
+        );
+        write(
+            dir.path(),
+            "b.yaml",
+            &format!(
+                "{}---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: other}}\n",
+                pod("web", "busybox:2")
+            ),
+        );
+        write(
+            dir.path(),
+            "c.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: bad}\nspec: {containers: 3}\n",
+        );
+        let mut manifests = ManifestDir::new(dir.path());
+        let first = manifests.load().unwrap();
+        assert_eq!(changed_pods(&first), [pair("prod/web", "busybox:1")]);
+        assert_eq!(
+            applied(&first.changes.config_maps),
+            [named("default/cfg", true), named("default/other", true)]
+        );
+        let config_map = first.changes.config_maps.values().next().unwrap();
+        let data = config_map.as_ref().unwrap().data.as_ref().unwrap();
+        assert_eq!(data["a"], "x");
+        // stringData is written into data, as the API server stores a Secret.
+        let secret = first
+            .changes
+            .secrets
+            .values()
+            .next()
+            .unwrap()
+            .as_ref()
+            .unwrap();
+        let data = secret.data.as_ref().unwrap();
+        assert_eq!(
+            (data["user"].0.as_slice(), data["pass"].0.as_slice()),
+            (&b"admin"[..], &b"new"[..])
+        );
+        assert_eq!(secret.string_data, None);
+        let errors: Vec<String> = first.errors.iter().map(|e| e.to_string()).collect();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(
+            errors[0].contains("b.yaml: Pod prod/web is already defined in")
+                && errors[0].ends_with("a.yaml; keeping that one"),
+            "{errors:?}"
+        );
+        assert!(
+            errors[1].contains("c.yaml: document 1: Pod bad: invalid type"),
+            "{errors:?}"
+        );
+
+        // a.yaml goes: its ConfigMap and Secret are deleted, b.yaml's Pod takes over.
+        fs::remove_file(path("a.yaml")).unwrap();
+        let gone = manifests.reload(BTreeSet::from([path("a.yaml")]));
+        assert_eq!(changed_pods(&gone), [pair("prod/web", "busybox:2")]);
+        assert_eq!(
+            applied(&gone.changes.config_maps),
+            [named("default/cfg", false)]
+        );
+        assert_eq!(
+            applied(&gone.changes.secrets),
+            [named("default/creds", false)]
+        );
+        assert_eq!(gone.errors, []);
+
+        // Edited in place: the Pod changes; the unchanged ConfigMap is reported again.
+        write(
+            dir.path(),
+            "b.yaml",
+            &format!(
+                "{}---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: other}}\n",
+                pod("web", "busybox:3")
+            ),
+        );
+        let edited = manifests.reload(BTreeSet::from([path("b.yaml")]));
+        assert_eq!(changed_pods(&edited), [pair("prod/web", "busybox:3")]);
+        assert_eq!(
+            applied(&edited.changes.config_maps),
+            [named("default/other", true)]
+        );
+
+        fs::remove_file(path("b.yaml")).unwrap();
+        let none = manifests.reload(BTreeSet::from([path("b.yaml")]));
+        assert_eq!(changed_pods(&none), [pair("prod/web", "deleted")]);
+        assert_eq!(
+            applied(&none.changes.config_maps),
+            [named("default/other", false)]
+        );
+        assert!(none.changes.services.is_empty() && none.changes.endpoint_slices.is_empty());
     }
 
     #[tokio::test]
