@@ -1,6 +1,9 @@
-//! The real `node-agent` binary, started inside a namespace as a user would start it, and
-//! stopped (SIGTERM, then SIGKILL) by its PID when the guard drops.
+//! The real `node-agent` binary, started inside a namespace as a user would start it (as a
+//! proxy on given devices, or as a whole node on a containerd fixture), and stopped (SIGTERM,
+//! then SIGKILL) by its PID when the guard drops. Its pods stay for the containerd fixture to
+//! remove, as a kubelet's pods outlive the kubelet.
 use std::{
+    ffi::OsString,
     fs::{self, File},
     io::{BufRead as _, BufReader},
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
@@ -17,7 +20,13 @@ use nix::{
     unistd::Pid,
 };
 
-use crate::{client::http_get, netns::Netns};
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::{
+    client::http_get,
+    containerd::Containerd,
+    netns::{Netns, run_in},
+};
 
 const HEALTH_BIND: &str = "127.0.0.1:10256";
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -26,9 +35,14 @@ pub struct Agent {
     child: Child,
     /// From spawning the process until /healthz first answered 200.
     synced_after: Duration,
+    /// Every run's stderr, in order.
     logs: Arc<Mutex<Vec<String>>>,
     bpffs: PathBuf,
     binary: PathBuf,
+    /// The node namespace (a /run/netns path) and the whole command line: `restart` runs the
+    /// same agent again.
+    netns: PathBuf,
+    args: Vec<OsString>,
 }
 
 /// The agent binary: `NODE_AGENT_BIN`, or the one cargo built next to this test executable.
@@ -60,48 +74,87 @@ impl Agent {
         devices: &[String],
         extra: &[&str],
     ) -> anyhow::Result<Self> {
+        let mut args = run_args(manifests);
+        args.extend(["--devices".into(), devices.join(",").into()]);
+        args.extend(extra.iter().map(OsString::from));
+        Self::launch(binary, Path::new(&node.path()), args)
+    }
+
+    /// `BINARY run` as a whole node (the embedded kubelet) on `containerd`, in its namespace:
+    /// no --devices (the agent finds its pods' interfaces), the agent writes the CNI network
+    /// for `pod_cidr`, and its pods live under the fixture's root dir and cgroup root.
+    pub fn start_node(
+        binary: &Path,
+        containerd: &Containerd,
+        manifests: &Path,
+        pod_cidr: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut args = run_args(manifests);
+        args.extend(
+            [
+                "--kubelet=true",
+                "--cri-endpoint",
+                &containerd.endpoint(),
+                "--pod-cidr",
+                pod_cidr,
+                "--cgroup-root",
+                containerd.cgroup_root(),
+            ]
+            .map(OsString::from),
+        );
+        args.extend([
+            "--cni-conf-dir".into(),
+            containerd.cni_conf_dir().into(),
+            "--root-dir".into(),
+            containerd.root_dir().into(),
+        ]);
+        args.extend(extra.iter().map(OsString::from));
+        Self::launch(binary, Path::new(&containerd.netns().path()), args)
+    }
+
+    /// Spawns the agent with `args` plus this fixture's health address and a fresh bpffs
+    /// directory, and waits until it is healthy.
+    fn launch(binary: &Path, netns: &Path, mut args: Vec<OsString>) -> anyhow::Result<Self> {
         let bpffs = Path::new("/sys/fs/bpf").join(crate::unique("pins"));
-        let netns = File::open(node.path())?;
-        let mut command = in_netns(binary, &netns);
-        command
-            .args(["run", "--manifests"])
-            .arg(manifests)
-            .args([
-                "--devices",
-                &devices.join(","),
-                "--health-bind",
-                HEALTH_BIND,
-                "--bpffs",
-            ])
-            .arg(&bpffs)
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let spawned = Instant::now();
-        let mut child = command.spawn().context("starting node-agent")?;
+        args.extend(["--health-bind".into(), HEALTH_BIND.into(), "--bpffs".into()]);
+        args.push(bpffs.clone().into());
         let logs = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().expect("piped stderr");
-        let sink = logs.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[node-agent] {line}");
-                sink.lock().unwrap().push(line);
-            }
-        });
+        let spawned = Instant::now();
         let mut agent = Self {
-            child,
+            child: spawn(binary, netns, &args, &logs)?,
             synced_after: Duration::ZERO,
             logs,
             bpffs,
             binary: binary.to_owned(),
+            netns: netns.to_owned(),
+            args,
         };
-        agent.wait_healthy(node)?;
+        agent.wait_healthy()?;
         agent.synced_after = spawned.elapsed();
         Ok(agent)
     }
 
-    fn wait_healthy(&mut self, node: &Netns) -> anyhow::Result<()> {
+    /// Stops the agent (SIGTERM) if it runs and starts it again with the same flags and bpffs,
+    /// as a node restarts its agent; returns once /healthz answers again.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        if self.is_running() {
+            let status = self.stop()?;
+            if !status.success() {
+                bail!(
+                    "node-agent exited with {status} on SIGTERM:\n{}",
+                    self.logs().join("\n")
+                );
+            }
+        }
+        let spawned = Instant::now();
+        self.child = spawn(&self.binary, &self.netns, &self.args, &self.logs)?;
+        self.wait_healthy()?;
+        self.synced_after = spawned.elapsed();
+        Ok(())
+    }
+
+    fn wait_healthy(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(status) = self.child.try_wait()? {
@@ -111,7 +164,7 @@ impl Agent {
                 );
             }
             let healthz = || http_get(HEALTH_BIND.parse().expect("an address"), "/healthz");
-            if node.run(healthz)?.is_ok_and(|(code, _)| code == 200) {
+            if run_in(&self.netns, healthz)?.is_ok_and(|(code, _)| code == 200) {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -174,6 +227,76 @@ impl Agent {
         Ok(String::from_utf8(out.stdout)?)
     }
 
+    /// The node's pods as the agent reports them: `BINARY pods -o json`, run in the node's
+    /// namespace as a user would.
+    pub fn pods(&self) -> anyhow::Result<Vec<Pod>> {
+        let json = self.pods_command(&["-o", "json"])?;
+        serde_json::from_str(&json).with_context(|| format!("node-agent pods -o json: {json}"))
+    }
+
+    /// `BINARY pods`: the table a user reads (NAMESPACE NAME READY STATUS RESTARTS IP).
+    pub fn pods_table(&self) -> anyhow::Result<String> {
+        self.pods_command(&[])
+    }
+
+    fn pods_command(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut command = in_netns(&self.binary, &self.netns)?;
+        let out = command
+            .args(["pods", "--health-bind", HEALTH_BIND])
+            .args(args)
+            .output()
+            .context("running node-agent pods")?;
+        if !out.status.success() {
+            bail!(
+                "node-agent pods failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// Polls `pods()` until `check` returns something, for up to `timeout`. The error names
+    /// `what`, shows the last list and the agent's log.
+    pub fn wait_pods<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut(&[Pod]) -> Option<T>,
+    ) -> anyhow::Result<T> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let pods = self.pods();
+            if let Some(found) = pods.as_deref().ok().and_then(&mut check) {
+                return Ok(found);
+            }
+            if Instant::now() > deadline {
+                let last = match pods {
+                    Ok(pods) => serde_json::to_string_pretty(&pods)?,
+                    Err(e) => format!("{e:#}"),
+                };
+                bail!(
+                    "{what}: not within {timeout:?}\nlast pods: {last}\nnode-agent log:\n{}",
+                    self.logs().join("\n")
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until pod `name` (any namespace) satisfies `check`, and returns it.
+    pub fn wait_pod(
+        &self,
+        name: &str,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(&Pod) -> bool,
+    ) -> anyhow::Result<Pod> {
+        self.wait_pods(&format!("pod {name}: {what}"), timeout, |pods| {
+            find_pod(pods, name).filter(|p| check(p)).cloned()
+        })
+    }
+
     /// SIGTERM, and the exit status.
     pub fn stop(&mut self) -> anyhow::Result<ExitStatus> {
         kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM)?;
@@ -206,31 +329,66 @@ impl Drop for Agent {
     }
 }
 
+/// Pod `name` of `pods`, in any namespace.
+pub fn find_pod<'a>(pods: &'a [Pod], name: &str) -> Option<&'a Pod> {
+    pods.iter()
+        .find(|p| p.metadata.name.as_deref() == Some(name))
+}
+
+/// `run --manifests DIR`, the start of every agent command line.
+fn run_args(manifests: &Path) -> Vec<OsString> {
+    vec!["run".into(), "--manifests".into(), manifests.into()]
+}
+
+/// Spawns `BINARY ARGS` in the namespace at `netns`, its stderr echoed and kept in `logs`.
+fn spawn(
+    binary: &Path,
+    netns: &Path,
+    args: &[OsString],
+    logs: &Arc<Mutex<Vec<String>>>,
+) -> anyhow::Result<Child> {
+    let mut child = in_netns(binary, netns)?
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting node-agent")?;
+    let stderr = child.stderr.take().expect("piped stderr");
+    let sink = logs.clone();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[node-agent] {line}");
+            sink.lock().unwrap().push(line);
+        }
+    });
+    Ok(child)
+}
+
 /// `BINARY ARGS` run to its end inside `node`, as a user would run a one-shot command there.
 pub fn run_to_exit(binary: &Path, node: &Netns, args: &[&str]) -> anyhow::Result<Output> {
-    let netns = File::open(node.path())?;
-    Ok(in_netns(binary, &netns)
+    Ok(in_netns(binary, Path::new(&node.path()))?
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .output()?)
 }
 
-/// A command that runs `binary` inside the network namespace `netns` (an open /run/netns file
-/// that must outlive the spawn).
-pub(crate) fn in_netns(binary: &Path, netns: &File) -> Command {
+/// A command that runs `binary` inside the network namespace at `netns` (a /run/netns path).
+pub(crate) fn in_netns(binary: &Path, netns: &Path) -> anyhow::Result<Command> {
+    let file = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
     let mut command = Command::new(binary);
     command.stdin(Stdio::null());
-    let fd = netns.as_raw_fd();
     // SAFETY: setns is async-signal-safe; it moves only the child into the node namespace
-    // (not `ip netns exec`, which would hide bpffs behind a fresh /sys).
+    // (not `ip netns exec`, which would hide bpffs behind a fresh /sys). The closure owns the
+    // file, so it stays open as long as the command.
     unsafe {
         command.pre_exec(move || {
-            if nix::libc::setns(fd, nix::libc::CLONE_NEWNET) != 0 {
+            if nix::libc::setns(file.as_raw_fd(), nix::libc::CLONE_NEWNET) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
     }
-    command
+    Ok(command)
 }

@@ -1,5 +1,6 @@
 //! Clients of the backend servers (see `backend`): each call learns which backend answered and
-//! which client address it saw. Call them inside a namespace (`Netns::run`).
+//! which client address it saw. Call them inside a namespace (`Netns::run`). And requests from
+//! inside a pod, made by its own busybox (`wget_loop`).
 use std::{
     collections::BTreeMap,
     io::{self, BufRead as _, BufReader, Read as _, Write as _},
@@ -143,6 +144,31 @@ fn tally(results: impl Iterator<Item = io::Result<Answer>>) -> BTreeMap<String, 
             .map(|a| a.backend)
             .unwrap_or_else(|e| format!("error: {}", e.kind()));
         *counts.entry(key).or_default() += 1;
+    }
+    counts
+}
+
+/// Once this file exists in the pod, a running `wget_loop` stops.
+pub const WGET_STOP: &str = "/tmp/stop-requests";
+
+/// A command for a busybox container (CRI ExecSync) that GETs `url` `count` times, each over a
+/// new connection and `pause` after the previous one, printing each body or `error` (after at
+/// most 2 s: `timeout`, as Debian's busybox 1.35 `wget -T` crashes). It stops early once
+/// `WGET_STOP` exists.
+pub fn wget_loop(url: &str, count: usize, pause: Duration) -> Vec<String> {
+    let script = format!(
+        "i=0; while [ $i -lt {count} ] && [ ! -e {WGET_STOP} ]; do \
+         timeout 2 wget -q -O - {url} || echo error; sleep {pause:.3}; i=$((i+1)); done",
+        pause = pause.as_secs_f64(),
+    );
+    vec!["sh".into(), "-c".into(), script]
+}
+
+/// How many lines of `output` (one answer each) said what.
+pub fn tally_lines(output: &str) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for line in output.lines() {
+        *counts.entry(line.trim().to_owned()).or_default() += 1;
     }
     counts
 }

@@ -1,12 +1,19 @@
 //! A containerd of the test's own: its own network namespace, root, state, socket, CNI
-//! config dir and pod cgroup root, with the local pause and busybox images imported. Drop
-//! removes what it and its pods left: tasks, shims, mounts, directories and pod cgroups.
+//! config dir and pod cgroup root, with the local pause and busybox images imported, and a
+//! root dir for a kubelet (the agent) using it. Drop removes what it and its pods left: tasks,
+//! shims, mounts, directories and pod cgroups.
+//!
+//! containerd 1.6 creates its CNI conf dir (mode 0700) if missing and watches it: a conflist
+//! written there later turns NetworkReady true within milliseconds. The watcher reloads on
+//! write, remove and rename-away events only: a file moved in from another directory goes
+//! unnoticed, and a conf dir removed and made again is no longer watched.
 //!
 //! Ready for `ctr` when `start` returns; the CRI plugin may still answer "not initialized"
 //! for a moment, which is what a CRI client waits out (node_agent::cri::Cri::connect).
 use std::{
-    fs::{self, File},
+    fs,
     io::{BufRead as _, BufReader},
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
@@ -41,18 +48,27 @@ pub struct Containerd {
 impl Containerd {
     /// Starts containerd with a bridge + host-local CNI network for pods in `pod_subnet`.
     pub fn start(pod_subnet: &str) -> anyhow::Result<Self> {
+        Self::start_with(Some(pod_subnet))
+    }
+
+    /// Starts containerd with an empty CNI conf dir: NetworkReady stays false until someone
+    /// writes a network there.
+    pub fn start_without_network() -> anyhow::Result<Self> {
+        Self::start_with(None)
+    }
+
+    fn start_with(pod_subnet: Option<&str>) -> anyhow::Result<Self> {
         let netns = Netns::new("ctrd")?;
         let dir = std::env::temp_dir().join(crate::unique("containerd"));
-        for sub in ["root", "state", "cni/conf", "cni/ipam", "opt"] {
+        for sub in ["root", "state", "opt", "kubelet"] {
             fs::create_dir_all(dir.join(sub))?;
         }
-        // In place before the start: containerd 1.6 did not pick up a conflist written
-        // into its (watched) conf dir later.
-        bridge_network(&dir, pod_subnet)?;
+        if let Some(subnet) = pod_subnet {
+            bridge_network(&dir.join("cni/conf"), &dir.join("cni/ipam"), subnet)?;
+        }
         let config = dir.join("config.toml");
         fs::write(&config, config_toml(&dir))?;
-        let netns_file = File::open(netns.path())?;
-        let mut command = in_netns(Path::new("containerd"), &netns_file);
+        let mut command = in_netns(Path::new("containerd"), Path::new(&netns.path()))?;
         command
             .arg("--config")
             .arg(&config)
@@ -91,6 +107,47 @@ impl Containerd {
     /// The CRI endpoint, as a kubelet's `--container-runtime-endpoint` names it.
     pub fn endpoint(&self) -> String {
         format!("unix://{}", self.socket().display())
+    }
+
+    /// containerd's CNI conf dir (`--cni-conf-dir` of an agent that writes the network).
+    pub fn cni_conf_dir(&self) -> PathBuf {
+        self.dir.join("cni/conf")
+    }
+
+    /// The root dir of a kubelet using this containerd (the agent's `--root-dir`): Drop
+    /// unmounts and removes whatever is left there.
+    pub fn root_dir(&self) -> PathBuf {
+        self.dir.join("kubelet")
+    }
+
+    /// The cgroup every pod of this containerd goes under, e.g. `/na123-4-pods` (the agent's
+    /// `--cgroup-root`). Drop kills what runs there and removes it.
+    pub fn cgroup_root(&self) -> &str {
+        &self.cgroup_root
+    }
+
+    /// The pod cgroup of a container process, from its `/proc/PID/cgroup`: the parent of the
+    /// container's own cgroup (containerd puts a container at `<cgroup parent>/<id>`).
+    pub fn pod_cgroup(&self, proc_cgroup: &str) -> Option<String> {
+        let root = format!("{}/", self.cgroup_root);
+        proc_cgroup
+            .lines()
+            .filter_map(|l| l.splitn(3, ':').nth(2))
+            .find(|path| path.starts_with(&root))
+            .and_then(|path| Some(path.rsplit_once('/')?.0.to_owned()))
+    }
+
+    /// The network namespaces containerd holds for pod sandboxes, by inode (as a pod's
+    /// `readlink /proc/self/ns/net` shows it: see `netns_inode`).
+    pub fn pod_netns(&self) -> Vec<u64> {
+        let dir = self.dir.join("state/io.containerd.grpc.v1.cri/netns");
+        fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| fs::metadata(e.path()).ok())
+            .map(|m| m.ino())
+            .collect()
     }
 
     /// The namespace containerd, the CNI bridge and the pods' host ends live in.
@@ -184,13 +241,7 @@ impl Containerd {
     /// This containerd's pod cgroup directories in every hierarchy, deepest first.
     fn pod_cgroups(&self) -> Vec<PathBuf> {
         let mut dirs = Vec::new();
-        let mut todo: Vec<PathBuf> = fs::read_dir(CGROUP_FS)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|h| h.path().join(self.cgroup_root.trim_start_matches('/')))
-            .filter(|p| p.is_dir())
-            .collect();
+        let mut todo = cgroup_dirs(&self.cgroup_root);
         while let Some(dir) = todo.pop() {
             todo.extend(
                 fs::read_dir(&dir)
@@ -251,6 +302,27 @@ impl Drop for Containerd {
     }
 }
 
+/// The directories of `cgroup` (a path as /proc/PID/cgroup names it) in every hierarchy:
+/// none once it is removed.
+pub fn cgroup_dirs(cgroup: &str) -> Vec<PathBuf> {
+    fs::read_dir(CGROUP_FS)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|h| h.path().join(cgroup.trim_start_matches('/')))
+        .filter(|p| p.is_dir())
+        .collect()
+}
+
+/// The inode of a namespace link as `readlink /proc/PID/ns/net` prints it (`net:[4026532]`).
+pub fn netns_inode(link: &str) -> Option<u64> {
+    link.trim()
+        .strip_prefix("net:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
 /// containerd 1.6's config: everything under `dir`, cgroupfs, overlayfs, CNI from Debian's
 /// /usr/lib/cni, and the local pause image as the sandbox image.
 fn config_toml(dir: &Path) -> String {
@@ -296,8 +368,8 @@ state = "{d}/state"
     )
 }
 
-/// A bridge + host-local CNI network for pods in `subnet`, its IPAM state kept in `dir`.
-fn bridge_network(dir: &Path, subnet: &str) -> anyhow::Result<()> {
+/// A bridge + host-local CNI network for pods in `subnet`, its IPAM state kept in `ipam`.
+fn bridge_network(conf_dir: &Path, ipam: &Path, subnet: &str) -> anyhow::Result<()> {
     let conf = serde_json::json!({
         "cniVersion": "0.4.0",
         "name": "node-agent-test",
@@ -310,11 +382,12 @@ fn bridge_network(dir: &Path, subnet: &str) -> anyhow::Result<()> {
                 "type": "host-local",
                 "ranges": [[{ "subnet": subnet }]],
                 "routes": [{ "dst": "0.0.0.0/0" }],
-                "dataDir": dir.join("cni/ipam"),
+                "dataDir": ipam,
             },
         }],
     });
-    let path = dir.join("cni/conf/10-bridge.conflist");
+    fs::create_dir_all(conf_dir)?;
+    let path = conf_dir.join("10-bridge.conflist");
     fs::write(&path, serde_json::to_vec_pretty(&conf)?)
         .with_context(|| format!("writing {}", path.display()))
 }

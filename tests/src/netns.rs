@@ -1,5 +1,5 @@
 //! A network namespace that exists as long as its guard.
-use std::{fs::File, os::fd::AsFd as _, process::Command, thread};
+use std::{fs::File, os::fd::AsFd as _, path::Path, process::Command, thread};
 
 use anyhow::{Context as _, bail};
 use nix::sched::{CloneFlags, setns};
@@ -31,11 +31,7 @@ impl Netns {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> anyhow::Result<T> {
-        let file = File::open(self.path()).with_context(|| format!("opening {}", self.path()))?;
-        thread::spawn(move || setns(file.as_fd(), CloneFlags::CLONE_NEWNET).map(|()| f()))
-            .join()
-            .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
-            .with_context(|| format!("entering netns {}", self.name))
+        run_in(Path::new(&self.path()), f)
     }
 
     /// Runs a command inside the namespace (`ip netns exec`), failing on a non-zero exit.
@@ -53,6 +49,18 @@ impl Drop for Netns {
             eprintln!("cleanup: {e:#}");
         }
     }
+}
+
+/// Runs `f` on a thread inside the namespace at `path` (a /run/netns file), as `Netns::run`.
+pub fn run_in<T: Send + 'static>(
+    path: &Path,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<T> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    thread::spawn(move || setns(file.as_fd(), CloneFlags::CLONE_NEWNET).map(|()| f()))
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in {} panicked", path.display()))?
+        .with_context(|| format!("entering netns {}", path.display()))
 }
 
 pub fn ip(args: &[&str]) -> anyhow::Result<()> {
