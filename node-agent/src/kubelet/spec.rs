@@ -132,50 +132,61 @@ pub fn validate(pod: &Pod) -> Result<(), SpecError> {
                 "{path}.name: duplicate container name {name:?}"
             )));
         }
-        let image = container.image.as_deref().unwrap_or_default();
-        image_reference(image).map_err(|reason| {
-            SpecError::new(
-                INVALID_IMAGE_NAME,
-                format!("{path}.image: couldn't parse image name {image:?}: {reason}"),
-            )
-        })?;
-        if let Some(policy) = container.image_pull_policy.as_deref()
-            && !matches!(policy, "Always" | "IfNotPresent" | "Never")
-        {
+        validate_container(&path, container, &volume_names)?;
+    }
+    Ok(())
+}
+
+/// One container's image, pull policy, ports, resources and volume mounts.
+fn validate_container(
+    path: &str,
+    container: &Container,
+    volume_names: &BTreeSet<&str>,
+) -> Result<(), SpecError> {
+    let invalid = |message: String| SpecError::new(INVALID_POD_SPEC, message);
+    let image = container.image.as_deref().unwrap_or_default();
+    image_reference(image).map_err(|reason| {
+        SpecError::new(
+            INVALID_IMAGE_NAME,
+            format!("{path}.image: couldn't parse image name {image:?}: {reason}"),
+        )
+    })?;
+    if let Some(policy) = container.image_pull_policy.as_deref()
+        && !matches!(policy, "Always" | "IfNotPresent" | "Never")
+    {
+        return Err(invalid(format!(
+            "{path}.imagePullPolicy: Unsupported value: {policy:?}: supported values: \
+             \"Always\", \"IfNotPresent\", \"Never\""
+        )));
+    }
+    for (j, port) in container.ports.iter().flatten().enumerate() {
+        validate_port(&format!("{path}.ports[{j}]"), port).map_err(invalid)?;
+    }
+    linux_resources(path, container)?;
+    let mut mount_paths = BTreeSet::new();
+    for (j, mount) in container.volume_mounts.iter().flatten().enumerate() {
+        let path = format!("{path}.volumeMounts[{j}]");
+        if !volume_names.contains(mount.name.as_str()) {
             return Err(invalid(format!(
-                "{path}.imagePullPolicy: Unsupported value: {policy:?}: supported values: \
-                 \"Always\", \"IfNotPresent\", \"Never\""
+                "{path}.name: no volume named {:?} in spec.volumes",
+                mount.name
             )));
         }
-        for (j, port) in container.ports.iter().flatten().enumerate() {
-            validate_port(&format!("{path}.ports[{j}]"), port).map_err(invalid)?;
+        if !mount.mount_path.starts_with('/') {
+            return Err(invalid(format!(
+                "{path}.mountPath: invalid path {:?}: must be absolute",
+                mount.mount_path
+            )));
         }
-        linux_resources(&path, container)?;
-        let mut mount_paths = BTreeSet::new();
-        for (j, mount) in container.volume_mounts.iter().flatten().enumerate() {
-            let path = format!("{path}.volumeMounts[{j}]");
-            if !volume_names.contains(mount.name.as_str()) {
-                return Err(invalid(format!(
-                    "{path}.name: no volume named {:?} in spec.volumes",
-                    mount.name
-                )));
-            }
-            if !mount.mount_path.starts_with('/') {
-                return Err(invalid(format!(
-                    "{path}.mountPath: invalid path {:?}: must be absolute",
-                    mount.mount_path
-                )));
-            }
-            if !mount_paths.insert(mount.mount_path.as_str()) {
-                return Err(invalid(format!(
-                    "{path}.mountPath: {:?} is mounted twice",
-                    mount.mount_path
-                )));
-            }
-            volumes::sub_path(mount).map_err(|e| invalid(format!("{path}.subPath: {e}")))?;
-            volumes::propagation(mount)
-                .map_err(|e| invalid(format!("{path}.mountPropagation: {e}")))?;
+        if !mount_paths.insert(mount.mount_path.as_str()) {
+            return Err(invalid(format!(
+                "{path}.mountPath: {:?} is mounted twice",
+                mount.mount_path
+            )));
         }
+        volumes::sub_path(mount).map_err(|e| invalid(format!("{path}.subPath: {e}")))?;
+        volumes::propagation(mount)
+            .map_err(|e| invalid(format!("{path}.mountPropagation: {e}")))?;
     }
     Ok(())
 }
@@ -500,45 +511,28 @@ fn env_source(
             .map(Some)
             .ok_or_else(|| config_error(format!("unsupported fieldPath: {path}")));
     }
-    if let Some(r) = &source.config_map_key_ref {
-        let optional = r.optional == Some(true);
-        let Some(cm) = config_map(refs, namespace, &r.name) else {
-            return if optional {
-                Ok(None)
-            } else {
-                Err(config_error(not_found("configmap", &r.name)))
-            };
-        };
-        return match cm.data.as_ref().and_then(|data| data.get(&r.key)) {
-            Some(value) => Ok(Some(value.clone())),
-            None if optional => Ok(None),
-            None => Err(config_error(format!(
-                "couldn't find key {} in ConfigMap {namespace}/{}",
-                r.key, r.name
-            ))),
-        };
+    // (kind, object, name, key, optional, the object's value of the key if the object exists)
+    let (kind, object, name, key, optional, value) = if let Some(r) = &source.config_map_key_ref {
+        let cm = config_map(refs, namespace, &r.name);
+        let value = cm.map(|cm| cm.data.as_ref().and_then(|data| data.get(&r.key)).cloned());
+        ("configmap", "ConfigMap", &r.name, &r.key, r.optional, value)
+    } else if let Some(r) = &source.secret_key_ref {
+        let secret = secret(refs, namespace, &r.name);
+        let value = secret.map(|s| secret_data(s).get(r.key.as_str()).map(|v| text(v)));
+        ("secret", "Secret", &r.name, &r.key, r.optional, value)
+    } else {
+        return Err(config_error(format!(
+            "env {var:?}: only value, fieldRef, configMapKeyRef and secretKeyRef are supported"
+        )));
+    };
+    match value {
+        Some(Some(value)) => Ok(Some(value)),
+        _ if optional == Some(true) => Ok(None),
+        None => Err(config_error(not_found(kind, name))),
+        Some(None) => Err(config_error(format!(
+            "couldn't find key {key} in {object} {namespace}/{name}"
+        ))),
     }
-    if let Some(r) = &source.secret_key_ref {
-        let optional = r.optional == Some(true);
-        let Some(secret) = secret(refs, namespace, &r.name) else {
-            return if optional {
-                Ok(None)
-            } else {
-                Err(config_error(not_found("secret", &r.name)))
-            };
-        };
-        return match secret_data(secret).get(r.key.as_str()) {
-            Some(value) => Ok(Some(text(value))),
-            None if optional => Ok(None),
-            None => Err(config_error(format!(
-                "couldn't find key {} in Secret {namespace}/{}",
-                r.key, r.name
-            ))),
-        };
-    }
-    Err(config_error(format!(
-        "env {var:?}: only value, fieldRef, configMapKeyRef and secretKeyRef are supported"
-    )))
 }
 
 /// A `fieldRef` value, `None` for a field the downward API does not offer here.
@@ -642,11 +636,12 @@ fn linux_resources(
     container: &Container,
 ) -> Result<LinuxContainerResources, SpecError> {
     let resources = container.resources.as_ref();
-    let amount = |list: &str, resource: &str, scale: u32| {
-        let quantities = resources.and_then(|r| match list {
-            "limits" => r.limits.as_ref(),
-            _ => r.requests.as_ref(),
-        });
+    let limits = resources.and_then(|r| r.limits.as_ref());
+    let requests = resources.and_then(|r| r.requests.as_ref());
+    let amount = |list: &str,
+                  quantities: Option<&BTreeMap<String, Quantity>>,
+                  resource: &str,
+                  scale: u32| {
         let Some(Quantity(text)) = quantities.and_then(|q| q.get(resource)) else {
             return Ok(None);
         };
@@ -657,12 +652,12 @@ fn linux_resources(
             )
         })
     };
-    let milli_cpu_limit = amount("limits", "cpu", 3)?;
+    let milli_cpu_limit = amount("limits", limits, "cpu", 3)?;
     // The API server defaults a missing request to the limit.
-    let milli_cpu_request = amount("requests", "cpu", 3)?.or(milli_cpu_limit);
-    let memory_limit = amount("limits", "memory", 0)?;
+    let milli_cpu_request = amount("requests", requests, "cpu", 3)?.or(milli_cpu_limit);
+    let memory_limit = amount("limits", limits, "memory", 0)?;
     // Unused by cgroups, but a bad value is still a bad spec.
-    amount("requests", "memory", 0)?;
+    amount("requests", requests, "memory", 0)?;
     Ok(LinuxContainerResources {
         cpu_period: milli_cpu_limit.map_or(0, |_| CPU_PERIOD),
         cpu_quota: milli_cpu_limit.map_or(0, cpu_quota),

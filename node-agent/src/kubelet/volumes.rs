@@ -46,18 +46,32 @@ pub struct HostVolume {
 enum Source<'a> {
     EmptyDir,
     HostPath(&'a HostPathVolumeSource),
-    ConfigMap {
-        name: &'a str,
-        items: Option<&'a [KeyToPath]>,
-        default_mode: Option<i32>,
-        optional: bool,
-    },
-    Secret {
-        name: &'a str,
-        items: Option<&'a [KeyToPath]>,
-        default_mode: Option<i32>,
-        optional: bool,
-    },
+    /// configMap or secret: files from the object's keys.
+    Object(ObjectSource<'a>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ObjectKind {
+    ConfigMap,
+    Secret,
+}
+
+impl ObjectKind {
+    /// As the kubelet's messages name the object, and its keys.
+    fn nouns(self) -> (&'static str, &'static str) {
+        match self {
+            ObjectKind::ConfigMap => ("configmap", "config"),
+            ObjectKind::Secret => ("secret", "secret"),
+        }
+    }
+}
+
+struct ObjectSource<'a> {
+    kind: ObjectKind,
+    name: &'a str,
+    items: Option<&'a [KeyToPath]>,
+    default_mode: Option<i32>,
+    optional: bool,
 }
 
 fn source(volume: &Volume) -> Result<Source<'_>, String> {
@@ -70,45 +84,48 @@ fn source(volume: &Volume) -> Result<Source<'_>, String> {
             .collect(),
         _ => Vec::new(),
     };
-    match types.as_slice() {
+    let one = match types.as_slice() {
         // The API's default when no type is given.
-        [] => Ok(Source::EmptyDir),
-        [one] => match (one.as_str(), volume) {
-            ("emptyDir", _) => Ok(Source::EmptyDir),
-            (
-                "hostPath",
-                Volume {
-                    host_path: Some(host_path),
-                    ..
-                },
-            ) => Ok(Source::HostPath(host_path)),
-            (
-                "configMap",
-                Volume {
-                    config_map: Some(cm),
-                    ..
-                },
-            ) => Ok(Source::ConfigMap {
-                name: &cm.name,
-                items: cm.items.as_deref(),
-                default_mode: cm.default_mode,
-                optional: cm.optional == Some(true),
-            }),
-            (
-                "secret",
-                Volume {
-                    secret: Some(secret),
-                    ..
-                },
-            ) => Ok(Source::Secret {
-                name: secret.secret_name.as_deref().unwrap_or_default(),
-                items: secret.items.as_deref(),
-                default_mode: secret.default_mode,
-                optional: secret.optional == Some(true),
-            }),
-            (other, _) => Err(format!("unsupported volume type {other}")),
-        },
-        many => Err(format!("more than one volume type: {}", many.join(", "))),
+        [] => return Ok(Source::EmptyDir),
+        [one] => one.as_str(),
+        many => return Err(format!("more than one volume type: {}", many.join(", "))),
+    };
+    match (one, volume) {
+        ("emptyDir", _) => Ok(Source::EmptyDir),
+        (
+            "hostPath",
+            Volume {
+                host_path: Some(host_path),
+                ..
+            },
+        ) => Ok(Source::HostPath(host_path)),
+        (
+            "configMap",
+            Volume {
+                config_map: Some(cm),
+                ..
+            },
+        ) => Ok(Source::Object(ObjectSource {
+            kind: ObjectKind::ConfigMap,
+            name: &cm.name,
+            items: cm.items.as_deref(),
+            default_mode: cm.default_mode,
+            optional: cm.optional == Some(true),
+        })),
+        (
+            "secret",
+            Volume {
+                secret: Some(secret),
+                ..
+            },
+        ) => Ok(Source::Object(ObjectSource {
+            kind: ObjectKind::Secret,
+            name: secret.secret_name.as_deref().unwrap_or_default(),
+            items: secret.items.as_deref(),
+            default_mode: secret.default_mode,
+            optional: secret.optional == Some(true),
+        })),
+        (other, _) => Err(format!("unsupported volume type {other}")),
     }
 }
 
@@ -148,7 +165,7 @@ pub(super) fn validate(field: &str, volume: &Volume) -> Result<(), SpecError> {
             format!("{field}: volume {:?}: {message}", volume.name),
         )
     };
-    let (items, default_mode) = match source(volume).map_err(invalid)? {
+    let object = match source(volume).map_err(invalid)? {
         Source::EmptyDir => return Ok(()),
         Source::HostPath(host_path) => {
             host_path_type(host_path).map_err(invalid)?;
@@ -160,25 +177,17 @@ pub(super) fn validate(field: &str, volume: &Volume) -> Result<(), SpecError> {
             }
             return Ok(());
         }
-        Source::ConfigMap { name: "", .. } => {
-            return Err(invalid("configMap.name: Required value".into()));
-        }
-        Source::Secret { name: "", .. } => {
-            return Err(invalid("secret.secretName: Required value".into()));
-        }
-        Source::ConfigMap {
-            items,
-            default_mode,
-            ..
-        }
-        | Source::Secret {
-            items,
-            default_mode,
-            ..
-        } => (items, default_mode),
+        Source::Object(object) => object,
     };
-    file_mode(default_mode).map_err(|e| invalid(format!("defaultMode: {e}")))?;
-    for (i, item) in items.into_iter().flatten().enumerate() {
+    if object.name.is_empty() {
+        let field = match object.kind {
+            ObjectKind::ConfigMap => "configMap.name",
+            ObjectKind::Secret => "secret.secretName",
+        };
+        return Err(invalid(format!("{field}: Required value")));
+    }
+    file_mode(object.default_mode).map_err(|e| invalid(format!("defaultMode: {e}")))?;
+    for (i, item) in object.items.into_iter().flatten().enumerate() {
         relative_path(&item.path).map_err(|e| invalid(format!("items[{i}].path: {e}")))?;
         file_mode(item.mode).map_err(|e| invalid(format!("items[{i}].mode: {e}")))?;
     }
@@ -251,41 +260,16 @@ fn plan(pod: &Pod, refs: &PodRefs) -> Result<Vec<(String, Plan)>, SpecError> {
                     path: PathBuf::from(&host_path.path),
                     type_: host_path_type(host_path).map_err(failed)?,
                 },
-                Source::ConfigMap {
-                    name,
-                    items,
-                    default_mode,
-                    optional,
-                } => {
-                    let payload = spec::config_map(refs, namespace, name).map(config_map_payload);
-                    let files = files(
-                        "configmap",
-                        "config",
-                        name,
-                        payload,
-                        items,
-                        default_mode,
-                        optional,
-                    );
-                    Plan::Files(files.map_err(failed)?)
-                }
-                Source::Secret {
-                    name,
-                    items,
-                    default_mode,
-                    optional,
-                } => {
-                    let payload = spec::secret(refs, namespace, name).map(spec::secret_data);
-                    let files = files(
-                        "secret",
-                        "secret",
-                        name,
-                        payload,
-                        items,
-                        default_mode,
-                        optional,
-                    );
-                    Plan::Files(files.map_err(failed)?)
+                Source::Object(object) => {
+                    let payload = match object.kind {
+                        ObjectKind::ConfigMap => {
+                            spec::config_map(refs, namespace, object.name).map(config_map_payload)
+                        }
+                        ObjectKind::Secret => {
+                            spec::secret(refs, namespace, object.name).map(spec::secret_data)
+                        }
+                    };
+                    Plan::Files(files(&object, payload).map_err(failed)?)
                 }
             };
             Ok((volume.name.clone(), plan))
@@ -308,27 +292,23 @@ fn config_map_payload(cm: &ConfigMap) -> BTreeMap<&str, &[u8]> {
     data.chain(binary).collect()
 }
 
-/// The files of a configMap or secret volume (`kind` names the object, `key_kind` its keys, as
-/// the kubelet's messages do): every key, or the `items` chosen. A missing optional object
-/// gives an empty volume, a missing optional key no file.
+/// The files of a configMap or secret volume: every key of the object (`payload`, `None`
+/// when it is missing), or the `items` chosen. A missing optional object gives an empty
+/// volume, a missing optional key no file.
 fn files(
-    kind: &str,
-    key_kind: &str,
-    name: &str,
+    object: &ObjectSource,
     payload: Option<BTreeMap<&str, &[u8]>>,
-    items: Option<&[KeyToPath]>,
-    default_mode: Option<i32>,
-    optional: bool,
 ) -> Result<Vec<File>, String> {
+    let (kind, key_kind) = object.kind.nouns();
     let Some(payload) = payload else {
-        return if optional {
+        return if object.optional {
             Ok(Vec::new())
         } else {
-            Err(spec::not_found(kind, name))
+            Err(spec::not_found(kind, object.name))
         };
     };
-    let default_mode = file_mode(default_mode)?;
-    let chosen: Vec<(&str, &str, Option<i32>)> = match items {
+    let default_mode = file_mode(object.default_mode)?;
+    let chosen: Vec<(&str, &str, Option<i32>)> = match object.items {
         Some(items) => (items.iter())
             .map(|item| (item.key.as_str(), item.path.as_str(), item.mode))
             .collect(),
@@ -337,7 +317,7 @@ fn files(
     let mut files = Vec::new();
     for (key, path, mode) in chosen {
         let Some(bytes) = payload.get(key) else {
-            if optional {
+            if object.optional {
                 continue;
             }
             return Err(format!(
