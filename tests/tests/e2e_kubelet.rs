@@ -258,13 +258,18 @@ fn reasons(pod: &Pod) -> Vec<(String, String)> {
     all
 }
 
-/// The STATUS column of `node-agent pods` for pod `name`.
-fn table_status(table: &str, name: &str) -> Option<String> {
+/// Pod `name`'s row of the `node-agent pods` table: NAMESPACE NAME READY STATUS RESTARTS IP.
+fn table_row<'a>(table: &'a str, name: &str) -> Vec<&'a str> {
     table
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|cols| cols.get(1) == Some(&name))
-        .and_then(|cols| cols.get(3).map(|s| (*s).to_owned()))
+        .find(|columns| columns.get(1) == Some(&name))
+        .unwrap_or_default()
+}
+
+/// The STATUS column of `node-agent pods` for pod `name`.
+fn table_status(table: &str, name: &str) -> Option<String> {
+    table_row(table, name).get(3).map(|s| (*s).to_owned())
 }
 
 /// Polls `done` until it holds, for up to `timeout`.
@@ -379,6 +384,8 @@ fn service_follows_pods_through_readiness_agent_restart_and_removal() {
     // An agent restart: pods adopted (same sandboxes, containers and restartCounts), and
     // requests through the Service answered before, during and after it.
     let before = node.running_state();
+    assert_eq!(before.0.len(), 8, "4 sandboxes, 4 containers: {before:?}");
+    assert_eq!(before.1.len(), 4, "4 containers' restartCounts: {before:?}");
     let client = node.container_id("client");
     let endpoint = node.containerd.endpoint();
     let traffic = node.rt.spawn(async move {
@@ -527,11 +534,16 @@ fn crashed_container_restarts_with_doubling_backoff() {
             backoff * 2
         };
     }
+    let table = node.agent.pods_table().unwrap();
+    assert_eq!(
+        table_row(&table, "crashy").get(..5),
+        Some(&["default", "crashy", "1/1", "Running", "3"][..]),
+        "{table}"
+    );
 }
 
-/// An init container that fails keeps its pod Pending (Init:Error, then
-/// Init:CrashLoopBackOff) and its app container never starts; one that succeeds lets its pod
-/// run.
+/// An init container that fails keeps its pod Pending (Init:CrashLoopBackOff once retried)
+/// and its app container never starts; one that succeeds lets its pod run.
 #[test]
 fn failing_init_container_keeps_pod_pending() {
     let fails = HttpdPod {
@@ -547,11 +559,13 @@ fn failing_init_container_keeps_pod_pending() {
     };
     let mut node = Node::start(&[("init-fails", fails.yaml()), ("init-ok", succeeds.yaml())]);
     node.wait_ready(&["init-ok"], POD_START);
-    // Retried under restartPolicy Always, failing each time.
+    // Retried under restartPolicy Always: failed twice, it waits out its backoff.
     let pod = node
         .agent
-        .wait_pod("init-fails", "init retried", POD_START, |p| {
-            restarts(p, "init") >= 1 && exit_code(p, "init") == Some(3)
+        .wait_pod("init-fails", "init in CrashLoopBackOff", POD_START, |p| {
+            waiting_reason(p, "init") == Some("CrashLoopBackOff")
+                && restarts(p, "init") >= 1
+                && exit_code(p, "init") == Some(3)
         })
         .unwrap();
     assert_eq!(phase(&pod), "Pending");
@@ -564,13 +578,7 @@ fn failing_init_container_keeps_pod_pending() {
     assert_eq!(waiting_reason(&pod, HTTPD), Some("PodInitializing"));
     let table = node.agent.pods_table().unwrap();
     let status = table_status(&table, "init-fails");
-    assert!(
-        matches!(
-            status.as_deref(),
-            Some("Init:Error" | "Init:CrashLoopBackOff")
-        ),
-        "{table}"
-    );
+    assert_eq!(status.as_deref(), Some("Init:CrashLoopBackOff"), "{table}");
     let containers = node.rt.block_on(node.cri.list_containers()).unwrap();
     let app = containers.iter().find(|c| {
         label(&c.labels, LABEL_POD_NAME) == Some("init-fails")
