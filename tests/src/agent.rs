@@ -319,12 +319,11 @@ impl Drop for Agent {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-        // Pins a killed agent left behind.
-        if let Ok(entries) = fs::read_dir(&self.bpffs) {
-            entries
-                .flatten()
-                .for_each(|e| drop(fs::remove_file(e.path())));
-            let _ = fs::remove_dir(&self.bpffs);
+        // Pins a killed agent left behind, and whatever it keeps across restarts.
+        if let Err(e) = fs::remove_dir_all(&self.bpffs)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            eprintln!("cleanup: removing {}: {e}", self.bpffs.display());
         }
     }
 }
