@@ -3,7 +3,6 @@
 //! controller between them.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fs,
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     time::Instant,
@@ -23,7 +22,7 @@ use crate::{
     endpoints::{Endpoints, LocalPod},
     health::{self, Health, ServiceHealthServers},
     kubelet::{self, Kubelet, PodChanges, cni},
-    memory,
+    links, memory,
     model::{Changes, Ipv4Cidr, Node, ObjectName},
     proxy::Proxy,
     source::manifest::{self, ManifestDir, Watched},
@@ -178,14 +177,20 @@ pub async fn run(mut config: RunConfig) -> anyhow::Result<()> {
     // The first load hands each file's objects on as soon as it is parsed.
     let (start, mut files) = (Instant::now(), 0);
     let mut first = PodChanges::default();
-    state.manifests.load_each(&mut |loaded| {
+    let NodeState {
+        manifests,
+        endpoints,
+        proxy,
+        ..
+    } = &mut state;
+    manifests.load_each(&mut |loaded| {
         files += loaded.parsed;
         report(&loaded);
         let mut changes = loaded.changes;
         first.pods.append(&mut changes.pods);
         first.config_maps.append(&mut changes.config_maps);
         first.secrets.append(&mut changes.secrets);
-        state.stage(changes);
+        stage(endpoints, proxy, changes);
     })?;
     // The kubelet gets every pod at once: what it does not get now it may remove as left over.
     if let Some(kubelet) = &state.kubelet {
@@ -241,6 +246,14 @@ fn report(loaded: &manifest::Loaded) {
     }
 }
 
+/// Stages Service and EndpointSlice changes, with the endpoints the Services' selectors now
+/// pick among the node's pods.
+fn stage(endpoints: &mut Endpoints, proxy: &mut Proxy, mut changes: Changes) {
+    endpoints.apply_services(&changes.services);
+    changes.endpoint_slices.extend(endpoints.take_changes());
+    proxy.stage(changes);
+}
+
 /// What a sync reads and writes: the manifests as last read, what the proxy has applied, the
 /// datapath and the health-check servers.
 struct NodeState {
@@ -287,16 +300,8 @@ impl NodeState {
                 secrets: std::mem::take(&mut changes.secrets),
             });
         }
-        self.stage(changes);
+        stage(&mut self.endpoints, &mut self.proxy, changes);
         self.sync(files).await
-    }
-
-    /// Stages Service and EndpointSlice changes, with the endpoints the Services' selectors
-    /// now pick among the node's pods.
-    fn stage(&mut self, mut changes: Changes) {
-        self.endpoints.apply_services(&changes.services);
-        changes.endpoint_slices.extend(self.endpoints.take_changes());
-        self.proxy.stage(changes);
     }
 
     /// Follows what the kubelet reported: pod statuses into the endpoints and `/pods`, pod
@@ -309,9 +314,9 @@ impl NodeState {
                 kubelet::Event::Pod(name, pod) => {
                     changed = true;
                     self.endpoints
-                        .set_pod(name.clone(), pod.as_ref().map(LocalPod::from_pod));
+                        .set_pod(name.clone(), pod.as_deref().and_then(LocalPod::from_pod));
                     match pod {
-                        Some(pod) => self.pods.insert(name, pod),
+                        Some(pod) => self.pods.insert(name, *pod),
                         None => self.pods.remove(&name),
                     };
                 }
@@ -342,18 +347,28 @@ impl NodeState {
     /// Attaches the datapath to pod interfaces that appeared on the pod bridge and lets go
     /// of those that left, so pods reach Services.
     fn follow_pod_interfaces(&mut self) {
-        let ports: BTreeSet<String> = fs::read_dir(format!("/sys/class/net/{}/brif", cni::BRIDGE))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        for gone in self.pod_devices.difference(&ports).cloned().collect::<Vec<_>>() {
+        let ports: BTreeSet<String> = match links::bridge_ports(cni::BRIDGE) {
+            Ok(ports) => ports.into_iter().collect(),
+            Err(e) => {
+                warn!("listing the ports of {}: {e}", cni::BRIDGE);
+                return;
+            }
+        };
+        for gone in self
+            .pod_devices
+            .difference(&ports)
+            .cloned()
+            .collect::<Vec<_>>()
+        {
             self.datapath.detach(&gone);
             self.pod_devices.remove(&gone);
             debug!(device = %gone, "pod interface gone");
         }
-        for new in ports.difference(&self.pod_devices).cloned().collect::<Vec<_>>() {
+        for new in ports
+            .difference(&self.pod_devices)
+            .cloned()
+            .collect::<Vec<_>>()
+        {
             match self.datapath.attach(&new) {
                 Ok(()) => {
                     debug!(device = %new, "datapath attached to pod interface");

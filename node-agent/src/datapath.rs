@@ -15,8 +15,7 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
-        Program, SchedClassifier, TcAttachType, TestRun, TestRunOptions,
-        tc::SchedClassifierLinkId,
+        Program, SchedClassifier, TcAttachType, TestRun, TestRunOptions, tc::SchedClassifierLinkId,
     },
 };
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
@@ -163,7 +162,6 @@ impl Datapath {
             }
         }
     }
-
 
     fn program(&mut self, hook: Hook) -> anyhow::Result<&mut Program> {
         let name = hook.program();

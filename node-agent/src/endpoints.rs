@@ -10,7 +10,7 @@ use std::{
 
 use k8s_openapi::{
     api::{
-        core::v1::{ContainerPort, ObjectReference, Service, ServicePort},
+        core::v1::{ContainerPort, ObjectReference, Pod, Service, ServicePort},
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     },
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
@@ -37,6 +37,39 @@ pub struct LocalPod {
     pub terminating: bool,
     /// The ports of all its containers.
     pub ports: Vec<ContainerPort>,
+}
+
+impl LocalPod {
+    /// What the controller uses of a pod the kubelet reports; None once it has finished.
+    pub fn from_pod(pod: &Pod) -> Option<Self> {
+        let status = pod.status.as_ref();
+        if matches!(
+            status.and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        ) {
+            return None;
+        }
+        let ready = status
+            .and_then(|s| s.conditions.as_ref())
+            .into_iter()
+            .flatten()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        Some(Self {
+            labels: pod.metadata.labels.clone().unwrap_or_default(),
+            ip: status
+                .and_then(|s| s.pod_ip.as_deref())
+                .and_then(|ip| ip.parse().ok()),
+            ready,
+            terminating: pod.metadata.deletion_timestamp.is_some(),
+            ports: pod
+                .spec
+                .iter()
+                .flat_map(|s| &s.containers)
+                .flat_map(|c| c.ports.iter().flatten())
+                .cloned()
+                .collect(),
+        })
+    }
 }
 
 /// What the controller uses of a Service with a selector.

@@ -1,6 +1,7 @@
-//! node-agent: an eBPF kube-proxy replacement (and, later, an embedded kubelet) for one node.
+//! node-agent: an eBPF kube-proxy replacement and an embedded kubelet for one node.
 //!
-//! sources (manifest directory) → model → proxy (compile → diff) → datapath (eBPF maps).
+//! sources (manifest directory) → model → proxy (compile → diff) → datapath (eBPF maps);
+//! Pods → kubelet (CRI workers) → pod status → endpoints → proxy.
 pub mod agent;
 pub mod cri;
 pub mod datapath;
@@ -8,6 +9,7 @@ pub mod endpoints;
 pub mod health;
 pub mod kubelet;
 pub mod lb;
+pub mod links;
 pub mod memory;
 pub mod model;
 pub mod pods;

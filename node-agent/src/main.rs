@@ -20,6 +20,8 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once, at start: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Run the node from a manifest directory until SIGTERM: its pods through the container
     /// runtime, its Services in the datapath.

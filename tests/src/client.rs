@@ -154,10 +154,12 @@ pub const WGET_STOP: &str = "/tmp/stop-requests";
 /// A command for a busybox container (CRI ExecSync) that GETs `url` `count` times, each over a
 /// new connection and `pause` after the previous one, printing each body or `error` (after at
 /// most 2 s: `timeout`, as Debian's busybox 1.35 `wget -T` crashes). It stops early once
-/// `WGET_STOP` exists, or after 5 errors in a row (a dead address would take minutes).
+/// `WGET_STOP` exists (made by the test: a loop removes an old one first), or after 5 errors in
+/// a row (a dead address would take minutes).
 pub fn wget_loop(url: &str, count: usize, pause: Duration) -> Vec<String> {
     let script = format!(
-        "i=0; e=0; while [ $i -lt {count} ] && [ $e -lt 5 ] && [ ! -e {WGET_STOP} ]; do \
+        "rm -f {WGET_STOP}; i=0; e=0; \
+         while [ $i -lt {count} ] && [ $e -lt 5 ] && [ ! -e {WGET_STOP} ]; do \
          if timeout 2 wget -q -O - {url}; then e=0; else echo error; e=$((e+1)); fi; \
          sleep {pause:.3}; i=$((i+1)); done",
         pause = pause.as_secs_f64(),

@@ -94,7 +94,7 @@ impl Node {
 
     /// The id of pod `pod`'s running httpd container, found by the labels the agent gives it.
     fn container_id(&mut self, pod: &str) -> String {
-        let containers = self.rt.block_on(self.cri.list_containers()).unwrap();
+        let containers = self.rt.block_on(self.cri.list_containers(&[])).unwrap();
         let running: Vec<_> = containers
             .into_iter()
             .filter(|c| label(&c.labels, LABEL_POD_NAME) == Some(pod))
@@ -119,7 +119,7 @@ impl Node {
 
     /// The ids of every sandbox (ready or not) of pod `pod`.
     fn sandboxes(&mut self, pod: &str) -> Vec<String> {
-        let sandboxes = self.rt.block_on(self.cri.list_pod_sandboxes()).unwrap();
+        let sandboxes = self.rt.block_on(self.cri.list_pod_sandboxes(&[])).unwrap();
         sandboxes
             .into_iter()
             .filter(|s| label(&s.labels, LABEL_POD_NAME) == Some(pod))
@@ -130,8 +130,8 @@ impl Node {
     /// What must not change while pods keep running: the agent's sandboxes and containers
     /// (by id) in the runtime, and every container's restartCount in the agent's status.
     fn running_state(&mut self) -> (BTreeSet<String>, BTreeMap<String, i32>) {
-        let containers = self.rt.block_on(self.cri.list_containers()).unwrap();
-        let sandboxes = self.rt.block_on(self.cri.list_pod_sandboxes()).unwrap();
+        let containers = self.rt.block_on(self.cri.list_containers(&[])).unwrap();
+        let sandboxes = self.rt.block_on(self.cri.list_pod_sandboxes(&[])).unwrap();
         let managed = |labels: &_| label(labels, LABEL_MANAGED) == Some("true");
         let ids = containers
             .into_iter()
@@ -579,7 +579,7 @@ fn failing_init_container_keeps_pod_pending() {
     let table = node.agent.pods_table().unwrap();
     let status = table_status(&table, "init-fails");
     assert_eq!(status.as_deref(), Some("Init:CrashLoopBackOff"), "{table}");
-    let containers = node.rt.block_on(node.cri.list_containers()).unwrap();
+    let containers = node.rt.block_on(node.cri.list_containers(&[])).unwrap();
     let app = containers.iter().find(|c| {
         label(&c.labels, LABEL_POD_NAME) == Some("init-fails")
             && label(&c.labels, LABEL_CONTAINER_NAME) == Some(HTTPD)

@@ -109,7 +109,7 @@ impl Now {
     }
 
     /// `at` on the monotonic clock (never later than now).
-    fn instant_of(&self, at: Timestamp) -> Instant {
+    pub fn instant_of(&self, at: Timestamp) -> Instant {
         let ago = self.wall.duration_since(at).unsigned_abs();
         self.instant.checked_sub(ago).unwrap_or(self.instant)
     }
@@ -304,10 +304,22 @@ spec:
         }
 
         /// Decides at second `now` (wall and monotonic clocks agree).
-        fn decide(&mut self, pod: &Pod, runs: &[(&str, Run)], unhealthy: &[&str], now: i64) -> Actions {
-            let runs = runs.iter().map(|(n, r)| (n.to_string(), r.clone())).collect();
+        fn decide(
+            &mut self,
+            pod: &Pod,
+            runs: &[(&str, Run)],
+            unhealthy: &[&str],
+            now: i64,
+        ) -> Actions {
+            let runs = runs
+                .iter()
+                .map(|(n, r)| (n.to_string(), r.clone()))
+                .collect();
             let unhealthy = unhealthy.iter().map(|n| n.to_string()).collect();
-            let hashes = ["setup", "a", "b"].iter().map(|n| (n.to_string(), "h".to_string())).collect();
+            let hashes = ["setup", "a", "b"]
+                .iter()
+                .map(|n| (n.to_string(), "h".to_string()))
+                .collect();
             let now = Now {
                 wall: at(now),
                 instant: self.base + Duration::from_secs(now as u64 + 1000),
@@ -359,7 +371,11 @@ spec:
             let wait = a.wake_after.map_or(0, |w| w.as_secs());
             if wait > 0 {
                 assert!(a.start.is_empty());
-                assert!(a.waiting["a"].message.contains("restarting failed container=a"));
+                assert!(
+                    a.waiting["a"]
+                        .message
+                        .contains("restarting failed container=a")
+                );
                 now += wait as i64;
                 let a = node.decide(&p, &[done.clone(), crashed, b.clone()], &[], now);
                 assert_eq!(a.start, [Slot::App(0)], "after {wait} s");
@@ -389,7 +405,11 @@ spec:
         ] {
             let a = Node::new().decide(
                 &pod(policy),
-                &[done.clone(), ("a", run(0, exited(code, 5))), ("b", run(0, running()))],
+                &[
+                    done.clone(),
+                    ("a", run(0, exited(code, 5))),
+                    ("b", run(0, running())),
+                ],
                 &[],
                 5,
             );
@@ -402,12 +422,26 @@ spec:
         let mut node = Node::new();
         let p = pod("Always");
         let done = ("setup", run(0, exited(0, 0)));
-        let a = node.decide(&p, &[done.clone(), ("a", run(0, running())), ("b", run(0, running()))], &["a"], 5);
+        let a = node.decide(
+            &p,
+            &[
+                done.clone(),
+                ("a", run(0, running())),
+                ("b", run(0, running())),
+            ],
+            &["a"],
+            5,
+        );
         assert_eq!(a.kill.len(), 1);
         assert_eq!(a.kill[0].0, "a");
         let mut changed = run(0, running());
         changed.hash = "old".into();
-        let a = node.decide(&p, &[done, ("a", run(0, running())), ("b", changed)], &[], 5);
+        let a = node.decide(
+            &p,
+            &[done, ("a", run(0, running())), ("b", changed)],
+            &[],
+            5,
+        );
         assert_eq!(a.kill[0].0, "b");
         assert!(a.kill[0].1.contains("spec changed"));
     }

@@ -52,9 +52,8 @@ fn mount_points(mountinfo: &str, types: &[&str]) -> Vec<PathBuf> {
             let fields: Vec<&str> = line.split(' ').collect();
             let separator = fields.iter().position(|f| *f == "-")?;
             let fstype = fields.get(separator + 1)?;
-            types
-                .contains(fstype)
-                .then(|| PathBuf::from(fields.get(4)?))
+            let point = fields.get(4)?;
+            types.contains(fstype).then(|| PathBuf::from(point))
         })
         .collect()
 }

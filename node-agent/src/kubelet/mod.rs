@@ -57,14 +57,14 @@ pub struct Settings {
 /// What the kubelet tells the agent.
 pub enum Event {
     /// A pod with its status; None once it is gone from the node.
-    Pod(ObjectName, Option<Pod>),
+    Pod(ObjectName, Option<Box<Pod>>),
     /// Pod interfaces came or went: the datapath should follow, then answer.
     Network(oneshot::Sender<()>),
 }
 
 /// What workers tell the manager.
 pub enum Report {
-    Status(ObjectName, Option<Pod>),
+    Status(ObjectName, Box<Pod>),
     Network(oneshot::Sender<()>),
     /// The worker terminated its pod (this uid) and ended.
     Gone(ObjectName, String),
@@ -107,14 +107,20 @@ pub fn pod_uid(pod: &Pod) -> String {
     let mut pod = pod.clone();
     pod.status = None;
     let json = serde_json::to_vec(&pod).unwrap_or_default();
-    let h = spec::stable_hash(&json);
+    // Two independent halves: the pod as written, and its name (two pods never share one).
+    let name = format!(
+        "{}/{}",
+        spec::pod_namespace(&pod),
+        pod.metadata.name.as_deref().unwrap_or_default()
+    );
+    let (a, b) = (spec::stable_hash(&json), spec::stable_hash(name.as_bytes()));
     format!(
         "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-        h >> 96,
-        (h >> 80) & 0xffff,
-        (h >> 64) & 0xffff,
-        (h >> 48) & 0xffff,
-        h & 0xffff_ffff_ffff
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xffff,
+        b >> 48,
+        b & 0xffff_ffff_ffff
     )
 }
 
@@ -171,7 +177,7 @@ async fn manage(
         tokio::select! {
             Some(changes) = inputs.recv() => m.apply(changes),
             Some(report) = from_workers.recv() => match report {
-                Report::Status(name, pod) => { let _ = events.send(Event::Pod(name, pod)); }
+                Report::Status(name, pod) => { let _ = events.send(Event::Pod(name, Some(pod))); }
                 Report::Network(done) => { let _ = events.send(Event::Network(done)); }
                 Report::Gone(name, uid) => {
                     if m.gone(&uid) {
@@ -196,9 +202,10 @@ async fn connect(endpoint: &str) -> Cri {
         };
         match attempt.await {
             Ok(mut cri) => {
-                let version = cri.version().await.map(|v| {
-                    format!("{} {}", v.runtime_name, v.runtime_version)
-                });
+                let version = cri
+                    .version()
+                    .await
+                    .map(|v| format!("{} {}", v.runtime_name, v.runtime_version));
                 info!(endpoint, runtime = %version.unwrap_or_default(), "CRI runtime ready");
                 return cri;
             }
@@ -231,7 +238,10 @@ impl Manager {
         }
         for (name, pod) in changes.pods {
             self.pending.remove(&name);
-            let current = self.names.get(&name).and_then(|uid| self.workers.get_mut(uid));
+            let current = self
+                .names
+                .get(&name)
+                .and_then(|uid| self.workers.get_mut(uid));
             match (pod, current) {
                 (Some(pod), None) => self.start(name, pod),
                 (Some(pod), Some(entry)) => {

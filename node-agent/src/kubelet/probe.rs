@@ -524,7 +524,8 @@ pub struct ProbeHandle {
     _tasks: JoinSet<()>,
 }
 
-/// Starts the container's probes. Each waits `initial_delay`, then runs every `period`;
+/// Starts the container's probes. Each waits `initial_delay` from the container's start
+/// (`started_at`: an adopted container may have started long ago), then runs every `period`;
 /// liveness and readiness wait until the startup probe (if any) has succeeded, and stop if it
 /// fails. Every change of a result is sent on `events` as soon as it happens; a container whose
 /// liveness or startup probe failed is probed no more (its replacement gets new probes).
@@ -532,6 +533,7 @@ pub fn spawn(
     container: String,
     container_id: String,
     pod_ip: Ipv4Addr,
+    started_at: std::time::Instant,
     specs: Vec<ProbeSpec>,
     cri: Cri,
     events: mpsc::UnboundedSender<ProbeEvent>,
@@ -544,6 +546,7 @@ pub fn spawn(
         container,
         container_id,
         pod_ip,
+        started_at: started_at.into(),
     };
     spawn_with(target, specs, exec, events)
 }
@@ -554,6 +557,7 @@ struct Target {
     container: String,
     container_id: String,
     pod_ip: Ipv4Addr,
+    started_at: tokio::time::Instant,
 }
 
 fn spawn_with<E: Exec + Clone + Send + 'static>(
@@ -592,7 +596,7 @@ async fn run(
     mut started: Started,
     events: mpsc::UnboundedSender<ProbeEvent>,
 ) {
-    tokio::time::sleep(spec.initial_delay).await;
+    tokio::time::sleep_until(target.started_at + spec.initial_delay).await;
     if let Started::Waits(started) = &mut started
         && started.wait_for(|s| *s).await.is_err()
     {
@@ -1097,6 +1101,7 @@ mod tests {
             container: "web".into(),
             container_id: "c1".into(),
             pod_ip: LOOPBACK,
+            started_at: tokio::time::Instant::now(),
         }
     }
 

@@ -271,7 +271,7 @@ pub fn sandbox_config(
             attempt,
         }),
         hostname: hostname(spec.hostname.as_deref().unwrap_or(name)),
-        log_directory: (settings.log_root.join(format!("{namespace}_{name}_{uid}")))
+        log_directory: log_directory(settings, namespace, name, uid)
             .to_string_lossy()
             .into_owned(),
         dns_config,
@@ -413,10 +413,24 @@ pub fn container_config(
 /// fixed order and maps sorted), so a changed spec is noticed after an agent restart too.
 pub fn container_hash(container: &Container) -> String {
     let json = serde_json::to_vec(container).expect("a Container always serializes to JSON");
-    let hash = json.iter().fold(0xcbf2_9ce4_8422_2325_u64, |hash, &byte| {
+    format!("{:016x}", stable_hash(&json))
+}
+
+/// FNV-1a 64: the same on every build and platform, unlike std's hasher.
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |hash, &byte| {
         (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-    });
-    format!("{hash:016x}")
+    })
+}
+
+/// Where the runtime writes a pod's container logs: `log_root/<namespace>_<name>_<uid>`.
+pub fn log_directory(
+    settings: &SandboxSettings,
+    namespace: &str,
+    name: &str,
+    uid: &str,
+) -> PathBuf {
+    settings.log_root.join(format!("{namespace}_{name}_{uid}"))
 }
 
 /// A container's environment, in the order names are first defined; a later definition

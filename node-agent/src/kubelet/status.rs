@@ -98,7 +98,7 @@ pub fn pod_status(o: &Observed) -> PodStatus {
             Some(("ContainersNotReady", "unready", &unready)),
         ),
     ];
-    conditions.sort_by(|a, b| condition_order(&a.type_).cmp(&condition_order(&b.type_)));
+    conditions.sort_by_key(|c| condition_order(&c.type_));
     let ip = o.sandbox_ip.map(|ip| ip.to_string());
     PodStatus {
         phase: Some(phase(o, &spec.containers, initialized).into()),
@@ -475,7 +475,10 @@ spec:
         );
         case.ready.insert("b".into());
         assert_eq!(condition_of(&case.status(), "Ready").status, "True");
-        assert_eq!(condition_of(&case.status(), "ContainersReady").status, "True");
+        assert_eq!(
+            condition_of(&case.status(), "ContainersReady").status,
+            "True"
+        );
     }
 
     #[test]
@@ -492,7 +495,14 @@ spec:
         let a = &s.container_statuses.as_ref().unwrap()[0];
         assert_eq!(a.restart_count, 3);
         assert_eq!(
-            a.state.as_ref().unwrap().waiting.as_ref().unwrap().reason.as_deref(),
+            a.state
+                .as_ref()
+                .unwrap()
+                .waiting
+                .as_ref()
+                .unwrap()
+                .reason
+                .as_deref(),
             Some("CrashLoopBackOff")
         );
         let last = a.last_state.as_ref().unwrap().terminated.as_ref().unwrap();
@@ -509,7 +519,13 @@ spec:
         assert!(state(&s, 0).running.is_some());
         let a = &s.container_statuses.as_ref().unwrap()[0];
         assert_eq!(
-            a.last_state.as_ref().unwrap().terminated.as_ref().unwrap().exit_code,
+            a.last_state
+                .as_ref()
+                .unwrap()
+                .terminated
+                .as_ref()
+                .unwrap()
+                .exit_code,
             1
         );
     }
@@ -566,9 +582,12 @@ spec:
         let none = c("{name: a}");
         let limited = c("{name: a, resources: {limits: {cpu: '1', memory: 1Gi}}}");
         let requests = c("{name: a, resources: {requests: {cpu: 100m}}}");
-        assert_eq!(qos_class(&[none.clone()], &[]), "BestEffort");
-        assert_eq!(qos_class(&[limited.clone()], &[]), "Guaranteed");
+        assert_eq!(qos_class(std::slice::from_ref(&none), &[]), "BestEffort");
+        assert_eq!(qos_class(std::slice::from_ref(&limited), &[]), "Guaranteed");
         assert_eq!(qos_class(&[limited, requests], &[]), "Burstable");
-        assert_eq!(qos_class(&[none], &[c("{name: i, resources: {limits: {cpu: '1'}}}")]), "Burstable");
+        assert_eq!(
+            qos_class(&[none], &[c("{name: i, resources: {limits: {cpu: '1'}}}")]),
+            "Burstable"
+        );
     }
 }

@@ -73,7 +73,8 @@ pub struct Worker {
     /// What CRI said of containers that exited (their status no longer changes) or started.
     exits: HashMap<String, Exit>,
     starts: HashMap<String, Timestamp>,
-    probes: BTreeMap<String, (String, ProbeHandle)>,
+    /// The running container of each name whose probes run, by container id.
+    tracked: BTreeMap<String, Tracked>,
     probe_events: (
         mpsc::UnboundedSender<ProbeEvent>,
         mpsc::UnboundedReceiver<ProbeEvent>,
@@ -86,6 +87,8 @@ pub struct Worker {
     /// The pod as last asked for: what termination runs preStop hooks and grace from.
     pod: Option<Arc<Pod>>,
     sandbox_attempt: u32,
+    /// When the pod was asked to go (its deletionTimestamp).
+    deleted: Option<Timestamp>,
 }
 
 impl Worker {
@@ -117,7 +120,7 @@ impl Worker {
             pull_failed: HashMap::new(),
             exits: HashMap::new(),
             starts: HashMap::new(),
-            probes: BTreeMap::new(),
+            tracked: BTreeMap::new(),
             probe_events: mpsc::unbounded_channel(),
             ready: BTreeSet::new(),
             started: BTreeSet::new(),
@@ -126,6 +129,7 @@ impl Worker {
             start_time: Timestamp::now(),
             pod: None,
             sandbox_attempt: 0,
+            deleted: None,
         };
         tokio::spawn(worker.run());
         Handle {
@@ -164,7 +168,7 @@ impl Worker {
     }
 
     fn probed(&mut self, event: ProbeEvent) {
-        let current = self.probes.get(&event.container).map(|(id, _)| id);
+        let current = self.tracked.get(&event.container).map(|t| &t.id);
         if current != Some(&event.container_id) {
             return;
         }
@@ -212,10 +216,20 @@ impl Worker {
             self.create_sandbox(pod, &containers).await?;
             containers.clear();
         }
-        let sandbox_id = self.sandbox.as_ref().map(|s| s.id.clone()).unwrap_or_default();
+        let sandbox_id = self
+            .sandbox
+            .as_ref()
+            .map(|s| s.id.clone())
+            .unwrap_or_default();
         containers.retain(|c| c.pod_sandbox_id == sandbox_id);
         let observed = self.observe(containers).await?;
         let runs = &observed.runs;
+        for container in &pod.spec.as_ref().expect("validated").containers {
+            match runs.get(&container.name) {
+                Some(run) if run.running() => self.track(container, run),
+                _ => {}
+            }
+        }
         let hashes = all_containers(pod)
             .map(|c| (c.name.clone(), spec::container_hash(c)))
             .collect();
@@ -251,7 +265,10 @@ impl Worker {
             // Decide again on what the runtime now holds.
             return Ok(Some(Duration::ZERO));
         }
-        let observed = Observation { waiting, ..observed };
+        let observed = Observation {
+            waiting,
+            ..observed
+        };
         self.publish(pod, None, &observed, decided.init_failed);
         self.backoff.gc(now.instant);
         self.pull_backoff.gc(now.instant);
@@ -286,13 +303,18 @@ impl Worker {
                     });
                     self.start_time = Timestamp::from_nanosecond(i128::from(status.created_at))
                         .unwrap_or(self.start_time);
+                    self.attach_network().await;
                 } else {
                     self.remove_sandbox(&sandbox.id).await?;
                 }
             }
             return Ok(self.sandbox.is_some());
         }
-        let id = self.sandbox.as_ref().map(|s| s.id.clone()).unwrap_or_default();
+        let id = self
+            .sandbox
+            .as_ref()
+            .map(|s| s.id.clone())
+            .unwrap_or_default();
         let status = self.cri.pod_sandbox_status(&id).await;
         if status.is_ok_and(|s| s.state() == PodSandboxState::SandboxReady) {
             return Ok(true);
@@ -322,13 +344,18 @@ impl Worker {
         let ip = sandbox_ip(&status);
         info!(pod = %self.name, sandbox = %id, ip = ?ip, "sandbox running");
         // The datapath attaches to the pod's interface before any container can send.
+        self.attach_network().await;
+        self.sandbox = Some(Sandbox { id, ip, config });
+        self.forget_all_probes();
+        Ok(())
+    }
+
+    /// Asks the agent to follow the pod interfaces, and waits until it has.
+    async fn attach_network(&self) {
         let (done, attached) = oneshot::channel();
         if self.reports.send(Report::Network(done)).is_ok() {
             let _ = attached.await;
         }
-        self.sandbox = Some(Sandbox { id, ip, config });
-        self.forget_all_probes();
-        Ok(())
     }
 
     /// The newest container of each name (runs) and how the one before it ended (last);
@@ -346,7 +373,12 @@ impl Worker {
                 .labels
                 .get(LABEL_CONTAINER_NAME)
                 .cloned()
-                .unwrap_or_else(|| c.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default());
+                .unwrap_or_else(|| {
+                    c.metadata
+                        .as_ref()
+                        .map(|m| m.name.clone())
+                        .unwrap_or_default()
+                });
             let rank = seen.entry(name.clone()).or_default();
             *rank += 1;
             match *rank {
@@ -439,7 +471,10 @@ impl Worker {
             node_name: self.settings.node_name.clone(),
         };
         let volumes = self.volumes.as_ref().expect("volumes before containers");
-        let mounts = volumes::mounts(pod, &container, volumes).map_err(Start::spec)?;
+        let mounts = volumes::mounts(&container, volumes).map_err(Start::spec)?;
+        if matches!(slot, Slot::App(_)) {
+            probe::probe_specs(&container).map_err(Start::spec)?;
+        }
         let mut config =
             spec::container_config(pod, &self.uid, &container, attempt, refs, &downward, mounts)
                 .map_err(Start::spec)?;
@@ -460,11 +495,22 @@ impl Worker {
         info!(pod = %self.name, container = %container.name, attempt, "container started");
         self.forget_probes(&container.name);
         self.unhealthy.remove(&container.name);
-        let specs = if matches!(slot, Slot::App(_)) {
-            probe::probe_specs(&container).map_err(Start::spec)?
-        } else {
-            Vec::new()
-        };
+        Ok(())
+    }
+
+    /// Starts following a running container (just started, or adopted): its probes, and
+    /// what holds while it has none.
+    fn track(&mut self, container: &Container, run: &Run) {
+        if self
+            .tracked
+            .get(&container.name)
+            .is_some_and(|t| t.id == run.id)
+        {
+            return;
+        }
+        self.forget_probes(&container.name);
+        // Refused before the container was created, so none here.
+        let specs = probe::probe_specs(container).unwrap_or_default();
         let has = |kind: ProbeKind| specs.iter().any(|s| s.kind == kind);
         if !has(ProbeKind::Readiness) {
             self.ready.insert(container.name.clone());
@@ -472,18 +518,26 @@ impl Worker {
         if !has(ProbeKind::Startup) {
             self.started.insert(container.name.clone());
         }
-        if let (false, Some(ip)) = (specs.is_empty(), ip) {
-            let handle = probe::spawn(
+        let ip = self.sandbox.as_ref().and_then(|s| s.ip);
+        let probes = match (specs.is_empty(), ip, &run.state) {
+            (false, Some(ip), RunState::Running { started }) => Some(probe::spawn(
                 container.name.clone(),
-                id.clone(),
+                run.id.clone(),
                 ip,
+                Now::get().instant_of(*started),
                 specs,
                 self.cri.clone(),
                 self.probe_events.0.clone(),
-            );
-            self.probes.insert(container.name.clone(), (id, handle));
-        }
-        Ok(())
+            )),
+            _ => None,
+        };
+        self.tracked.insert(
+            container.name.clone(),
+            Tracked {
+                id: run.id.clone(),
+                _probes: probes,
+            },
+        );
     }
 
     /// The image as `imagePullPolicy` wants it: Never and IfNotPresent use what is there,
@@ -576,30 +630,32 @@ impl Worker {
         });
         if self.status.as_ref() != Some(&status) {
             self.status = Some(status);
-            self.report(pod, None);
+            self.report(pod);
         }
     }
 
     /// Sends the pod with its status (and deletionTimestamp when terminating).
-    fn report(&self, pod: &Pod, deleted: Option<Timestamp>) {
+    fn report(&self, pod: &Pod) {
         let mut pod = pod.clone();
         pod.metadata.uid = Some(self.uid.clone());
-        pod.metadata.deletion_timestamp = deleted.map(Time);
+        pod.metadata.deletion_timestamp = self.deleted.map(Time);
         if let Some(spec) = pod.spec.as_mut() {
             spec.node_name = Some(self.settings.node_name.clone());
         }
         pod.status = self.status.clone();
-        let _ = self.reports.send(Report::Status(self.name.clone(), Some(pod)));
+        let _ = self
+            .reports
+            .send(Report::Status(self.name.clone(), Box::new(pod)));
     }
 
     fn forget_probes(&mut self, name: &str) {
-        self.probes.remove(name);
+        self.tracked.remove(name);
         self.ready.remove(name);
         self.started.remove(name);
     }
 
     fn forget_all_probes(&mut self) {
-        self.probes.clear();
+        self.tracked.clear();
         self.ready.clear();
         self.started.clear();
         self.unhealthy.clear();
@@ -610,7 +666,12 @@ impl Worker {
     }
 
     fn log_dir(&self) -> PathBuf {
-        spec::log_directory(&self.settings.sandbox, &self.name, &self.uid)
+        spec::log_directory(
+            &self.settings.sandbox,
+            &self.name.namespace,
+            &self.name.name,
+            &self.uid,
+        )
     }
 
     /// The pod is removed: it shows as terminating, each running container gets its preStop
@@ -618,13 +679,18 @@ impl Worker {
     /// cgroups and volumes go, and the pod leaves the node's list.
     async fn terminate(mut self) {
         let pod = self.pod.take();
+        self.deleted = Some(Timestamp::now());
         if let Some(pod) = pod.as_deref() {
-            self.report(pod, Some(Timestamp::now()));
+            self.report(pod);
         }
         self.forget_all_probes();
         let grace = pod.as_deref().map(grace_period);
         let deadline = Instant::now() + grace.unwrap_or(ORPHAN_GRACE);
-        let containers = match self.cri.list_containers(&[(LABEL_POD_UID, &self.uid)]).await {
+        let containers = match self
+            .cri
+            .list_containers(&[(LABEL_POD_UID, &self.uid)])
+            .await
+        {
             Ok(c) => c,
             Err(e) => {
                 warn!(pod = %self.name, "terminating: {e:#}");
@@ -636,13 +702,20 @@ impl Worker {
             .into_iter()
             .filter(|c| c.state() == CriState::ContainerRunning)
         {
-            let name = c.labels.get(LABEL_CONTAINER_NAME).cloned().unwrap_or_default();
+            let name = c
+                .labels
+                .get(LABEL_CONTAINER_NAME)
+                .cloned()
+                .unwrap_or_default();
             let pre_stop = pod.as_deref().and_then(|p| pre_stop(p, &name));
             // An orphan's grace period is the one its containers were created with.
             let deadline = match grace {
                 Some(_) => deadline,
                 None => {
-                    let seconds = c.annotations.get(ANNOTATION_GRACE).and_then(|g| g.parse().ok());
+                    let seconds = c
+                        .annotations
+                        .get(ANNOTATION_GRACE)
+                        .and_then(|g| g.parse().ok());
                     Instant::now() + seconds.map_or(ORPHAN_GRACE, Duration::from_secs)
                 }
             };
@@ -660,7 +733,9 @@ impl Worker {
                         Err(e) => warn!(pod = %pod_name, container = %name, "preStop hook: {e:#}"),
                     }
                 }
-                let left = deadline.saturating_duration_since(Instant::now()).max(MIN_GRACE);
+                let left = deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(MIN_GRACE);
                 if let Err(e) = cri.stop_container(&c.id, left).await {
                     warn!(pod = %pod_name, container = %name, "stopping: {e:#}");
                 }
@@ -672,6 +747,12 @@ impl Worker {
             });
         }
         stops.join_all().await;
+        // The last status shows how each container ended.
+        if let Some(pod) = pod.as_deref()
+            && let Err(e) = self.publish_final(pod).await
+        {
+            warn!(pod = %self.name, "{e:#}");
+        }
         if let Err(e) = self.remove_all().await {
             warn!(pod = %self.name, "removing the pod's sandbox and containers: {e:#}");
         }
@@ -685,7 +766,25 @@ impl Worker {
         // The datapath lets go of the pod's interface.
         let (done, _) = oneshot::channel();
         let _ = self.reports.send(Report::Network(done));
-        let _ = self.reports.send(Report::Gone(self.name.clone(), self.uid.clone()));
+        let _ = self
+            .reports
+            .send(Report::Gone(self.name.clone(), self.uid.clone()));
+    }
+
+    async fn publish_final(&mut self, pod: &Pod) -> anyhow::Result<()> {
+        let mut containers = self
+            .cri
+            .list_containers(&[(LABEL_POD_UID, &self.uid)])
+            .await?;
+        let sandbox = self
+            .sandbox
+            .as_ref()
+            .map(|s| s.id.clone())
+            .unwrap_or_default();
+        containers.retain(|c| c.pod_sandbox_id == sandbox);
+        let observed = self.observe(containers).await?;
+        self.publish(pod, None, &observed, false);
+        Ok(())
     }
 
     async fn remove_all(&mut self) -> anyhow::Result<()> {
@@ -696,7 +795,11 @@ impl Worker {
         {
             self.remove_sandbox(&s.id).await?;
         }
-        for c in self.cri.list_containers(&[(LABEL_POD_UID, &self.uid)]).await? {
+        for c in self
+            .cri
+            .list_containers(&[(LABEL_POD_UID, &self.uid)])
+            .await?
+        {
             self.cri.remove_container(&c.id).await?;
         }
         Ok(())
@@ -707,6 +810,12 @@ impl Worker {
         self.cri.stop_pod_sandbox(id).await?;
         self.cri.remove_pod_sandbox(id).await
     }
+}
+
+/// A container followed by its worker, and its probes (stopped on drop).
+struct Tracked {
+    id: String,
+    _probes: Option<ProbeHandle>,
 }
 
 /// The pod's containers as the runtime holds them, and why those not running wait.
