@@ -19,7 +19,7 @@ pub const BUSYBOX: &str = "node-agent.local/busybox:latest";
 const APPLETS: &[&str] = &[
     "sh", "ash", "httpd", "sleep", "echo", "cat", "ls", "wget", "nc", "true", "false", "env",
     "hostname", "ip", "ps", "kill", "mkdir", "rm", "grep", "touch", "id", "date", "uname",
-    "readlink", "timeout",
+    "readlink", "timeout", "stat", "head",
 ];
 
 /// Sleeps until SIGTERM or SIGINT, reaping children: a pod's shared PID namespace init.

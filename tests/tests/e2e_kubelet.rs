@@ -629,6 +629,10 @@ fn unrunnable_pods_get_reasons_and_others_run() {
     let bad_image_name = "Bad Image::name";
     let mut bad_image = base("bad-image").pod();
     bad_image.spec.as_mut().unwrap().containers[0].image = Some(bad_image_name.into());
+    // No registry is reachable: the pull fails, and is retried with backoff.
+    let missing_image = "node-agent.local/absent:1.0";
+    let mut unpullable = base("unpullable").pod();
+    unpullable.spec.as_mut().unwrap().containers[0].image = Some(missing_image.into());
     let mut duplicate = base("duplicate-names").pod();
     let spec = duplicate.spec.as_mut().unwrap();
     spec.containers.push(spec.containers[0].clone());
@@ -641,6 +645,7 @@ fn unrunnable_pods_get_reasons_and_others_run() {
         ("missing-configmap", to_yaml(&missing_config_map)),
         ("bad-image", to_yaml(&bad_image)),
         ("duplicate-names", to_yaml(&duplicate)),
+        ("unpullable", to_yaml(&unpullable)),
         ("good", good.yaml()),
     ]);
 
@@ -654,6 +659,7 @@ fn unrunnable_pods_get_reasons_and_others_run() {
         ),
         ("bad-image", Some("InvalidImageName"), bad_image_name),
         ("duplicate-names", None, HTTPD),
+        ("unpullable", Some("ImagePullBackOff"), missing_image),
     ];
     let fits = |pod: &Pod, reason: Option<&str>, named: &str| {
         reasons(pod)
@@ -689,4 +695,83 @@ fn unrunnable_pods_get_reasons_and_others_run() {
     let good = find_pod(&pods, "good").unwrap();
     assert_eq!(restarts(good, HTTPD), 0);
     node.container_id("good"); // running in the runtime, by the agent's labels
+}
+
+/// What a pod's spec asks of its container arrives in it: a ConfigMap volume (files with their
+/// modes), a Secret in the environment, an emptyDir, and CPU and memory limits in its cgroups.
+#[test]
+fn config_maps_secrets_and_resources_reach_the_container() {
+    let config = "apiVersion: v1
+kind: ConfigMap
+metadata: {name: app-config}
+data: {greeting: hello, 'app.conf': 'port=8080'}
+";
+    let secret = "apiVersion: v1
+kind: Secret
+metadata: {name: app-secret}
+stringData: {token: s3cr3t}
+";
+    let mut pod = HttpdPod {
+        name: "configured",
+        port: PORT,
+        ..Default::default()
+    }
+    .pod();
+    let spec = pod.spec.as_mut().unwrap();
+    spec.volumes = Some(serde_json::from_value(serde_json::json!([
+        {"name": "config", "configMap": {"name": "app-config", "defaultMode": 0o640,
+            "items": [{"key": "app.conf", "path": "conf/app.conf", "mode": 0o600}, {"key": "greeting", "path": "greeting"}]}},
+        {"name": "scratch", "emptyDir": {}},
+    ])).unwrap());
+    let c = &mut spec.containers[0];
+    c.volume_mounts = Some(
+        serde_json::from_value(serde_json::json!([
+            {"name": "config", "mountPath": "/etc/app"},
+            {"name": "scratch", "mountPath": "/scratch"},
+        ]))
+        .unwrap(),
+    );
+    c.env = Some(serde_json::from_value(serde_json::json!([
+        {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "app-secret", "key": "token"}}},
+        {"name": "GREETING", "valueFrom": {"configMapKeyRef": {"name": "app-config", "key": "greeting"}}},
+        {"name": "MESSAGE", "value": "$(GREETING) from $(POD)"},
+        {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+    ])).unwrap());
+    c.resources = Some(
+        serde_json::from_value(serde_json::json!(
+            {"limits": {"cpu": "500m", "memory": "64Mi"}}
+        ))
+        .unwrap(),
+    );
+    let mut node = Node::start(&[
+        ("config", config.into()),
+        ("secret", secret.into()),
+        ("configured", to_yaml(&pod)),
+    ]);
+    node.wait_ready(&["configured"], POD_START);
+    let exec = |node: &mut Node, script: &str| node.exec("configured", &["sh", "-c", script]);
+    assert_eq!(exec(&mut node, "cat /etc/app/conf/app.conf"), "port=8080");
+    assert_eq!(exec(&mut node, "cat /etc/app/greeting"), "hello");
+    assert_eq!(
+        exec(
+            &mut node,
+            "stat -L -c %a /etc/app/conf/app.conf /etc/app/greeting"
+        ),
+        "600\n640\n"
+    );
+    assert_eq!(exec(&mut node, "echo $TOKEN"), "s3cr3t\n");
+    // Defined after MESSAGE: left as written, as the kubelet does.
+    assert_eq!(exec(&mut node, "echo $MESSAGE"), "hello from $(POD)\n");
+    exec(&mut node, "echo kept > /scratch/file && cat /scratch/file");
+    assert_eq!(
+        exec(&mut node, "cat /sys/fs/cgroup/memory/memory.limit_in_bytes"),
+        format!("{}\n", 64 * 1024 * 1024)
+    );
+    assert_eq!(
+        exec(
+            &mut node,
+            "cat /sys/fs/cgroup/cpu*/cpu.cfs_quota_us | head -n 1"
+        ),
+        "50000\n"
+    );
 }

@@ -37,6 +37,9 @@ const RESYNC: Duration = Duration::from_secs(10);
 const MIN_GRACE: Duration = Duration::from_secs(2);
 /// The grace period of a pod that no longer has a spec (one left by an earlier agent).
 const ORPHAN_GRACE: Duration = Duration::from_secs(30);
+/// How long a worker waits after a failed sync, doubling while the runtime keeps failing.
+const RETRY: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
 /// The annotation the grace period is kept in on each container, for orphans.
 pub const ANNOTATION_GRACE: &str = "io.kubernetes.pod.terminationGracePeriod";
 
@@ -140,16 +143,21 @@ impl Worker {
     }
 
     async fn run(mut self) {
+        let mut retry = RETRY;
         loop {
             let Some(pod) = self.desired.borrow_and_update().clone() else {
                 break;
             };
             self.pod = Some(pod.clone());
             let wake_after = match self.sync(&pod).await {
-                Ok(wake_after) => wake_after.unwrap_or(RESYNC).min(RESYNC),
+                Ok(wake_after) => {
+                    retry = RETRY;
+                    wake_after.unwrap_or(RESYNC).min(RESYNC)
+                }
                 Err(e) => {
-                    warn!(pod = %self.name, "sync failed: {e:#}");
-                    Duration::from_secs(1)
+                    warn!(pod = %self.name, "sync failed, retrying in {retry:?}: {e:#}");
+                    retry = (retry * 2).min(RETRY_MAX);
+                    retry / 2
                 }
             };
             tokio::select! {
@@ -212,7 +220,7 @@ impl Worker {
             .cri
             .list_containers(&[(LABEL_POD_UID, &self.uid)])
             .await?;
-        if !self.sandbox_ready().await? {
+        if !self.sandbox_ready(pod).await? {
             self.create_sandbox(pod, &containers).await?;
             containers.clear();
         }
@@ -277,7 +285,7 @@ impl Worker {
 
     /// Whether the pod's sandbox is up; a sandbox that died (or one left by an earlier agent
     /// that is not ready) is stopped and removed so a new one is made.
-    async fn sandbox_ready(&mut self) -> anyhow::Result<bool> {
+    async fn sandbox_ready(&mut self, pod: &Pod) -> anyhow::Result<bool> {
         if self.sandbox.is_none() {
             // Adopt the newest ready sandbox an earlier agent made for this pod.
             let mut ours = self
@@ -288,14 +296,12 @@ impl Worker {
             for sandbox in ours {
                 if self.sandbox.is_none() && sandbox.state() == PodSandboxState::SandboxReady {
                     let status = self.cri.pod_sandbox_status(&sandbox.id).await?;
-                    let pod = self.desired.borrow().clone();
-                    let Some(pod) = pod else { break };
                     info!(pod = %self.name, sandbox = %sandbox.id, "adopted running sandbox");
                     self.sandbox = Some(Sandbox {
                         id: sandbox.id,
                         ip: sandbox_ip(&status),
                         config: spec::sandbox_config(
-                            &pod,
+                            pod,
                             &self.uid,
                             sandbox.metadata.map_or(0, |m| m.attempt),
                             &self.settings.sandbox,
@@ -587,13 +593,13 @@ impl Worker {
             Err(e) => {
                 self.pull_backoff.next(key, now, now);
                 self.pull_failed.insert(key.clone(), now);
-                let retry = self.pull_backoff.delay(key);
+                // Decided again soon, to show ImagePullBackOff while the backoff runs.
                 Err(Start::Waiting(
                     Waiting {
                         reason: "ErrImagePull".into(),
                         message: format!("{e:#}"),
                     },
-                    retry,
+                    Some(Duration::from_secs(1)),
                 ))
             }
         }
