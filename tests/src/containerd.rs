@@ -66,27 +66,10 @@ impl Containerd {
         if let Some(subnet) = pod_subnet {
             bridge_network(&dir.join("cni/conf"), &dir.join("cni/ipam"), subnet)?;
         }
-        let config = dir.join("config.toml");
-        fs::write(&config, config_toml(&dir))?;
-        let mut command = in_netns(Path::new("containerd"), Path::new(&netns.path()))?;
-        command
-            .arg("--config")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = command
-            .spawn()
-            .context("starting containerd (Debian package containerd; cargo xtask setup)")?;
+        fs::write(dir.join("config.toml"), config_toml(&dir))?;
         let logs = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().expect("piped stderr");
-        let sink = logs.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
         let mut containerd = Self {
-            child,
+            child: spawn(&dir, &netns, &logs)?,
             cgroup_root: format!("/{}", crate::unique("pods")),
             dir,
             logs,
@@ -102,6 +85,15 @@ impl Containerd {
                 .with_context(|| format!("importing {}", archive.display()))?;
         }
         Ok(containerd)
+    }
+
+    /// Stops containerd (SIGTERM: pods keep running in their shims) and starts it again
+    /// `down` later, as a node restarts its runtime; returns once its socket is back.
+    pub fn restart(&mut self, down: Duration) -> anyhow::Result<()> {
+        self.stop();
+        thread::sleep(down);
+        self.child = spawn(&self.dir, &self.netns, &self.logs)?;
+        self.wait_socket()
     }
 
     /// The CRI endpoint, as a kubelet's `--container-runtime-endpoint` names it.
@@ -321,6 +313,27 @@ pub fn netns_inode(link: &str) -> Option<u64> {
         .strip_suffix(']')?
         .parse()
         .ok()
+}
+
+/// containerd with the config in `dir`, in `netns`, its stderr lines collected in `logs`.
+fn spawn(dir: &Path, netns: &Netns, logs: &Arc<Mutex<Vec<String>>>) -> anyhow::Result<Child> {
+    let mut command = in_netns(Path::new("containerd"), Path::new(&netns.path()))?;
+    command
+        .arg("--config")
+        .arg(dir.join("config.toml"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = command
+        .spawn()
+        .context("starting containerd (Debian package containerd; cargo xtask setup)")?;
+    let stderr = child.stderr.take().expect("piped stderr");
+    let sink = logs.clone();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    Ok(child)
 }
 
 /// containerd 1.6's config: everything under `dir`, cgroupfs, overlayfs, CNI from Debian's

@@ -775,3 +775,92 @@ stringData: {token: s3cr3t}
         "50000\n"
     );
 }
+
+/// A failing liveness probe restarts its container (and only its container): the restart
+/// count grows, the killed attempt is the last state, the pod keeps its sandbox and IP.
+#[test]
+fn failed_liveness_probe_restarts_the_container() {
+    let mut pod = HttpdPod {
+        name: "lively",
+        port: PORT,
+        ..Default::default()
+    }
+    .pod();
+    pod.spec.as_mut().unwrap().containers[0].liveness_probe = Some(
+        serde_json::from_value(serde_json::json!({
+            "exec": {"command": ["cat", READY_FILE]},
+            "periodSeconds": 1,
+            "failureThreshold": 2,
+        }))
+        .unwrap(),
+    );
+    let mut node = Node::start(&[("lively", to_yaml(&pod))]);
+    node.wait_ready(&["lively"], POD_START);
+    let sandboxes = node.sandboxes("lively");
+    let first = node.container_id("lively");
+    node.exec("lively", &["rm", READY_FILE]);
+    // Two failures a period apart, then SIGTERM (the script exits 0) and an immediate restart.
+    let pod = node
+        .agent
+        .wait_pod(
+            "lively",
+            "restarted by its liveness probe",
+            POD_START,
+            |p| restarts(p, HTTPD) == 1 && running(p, HTTPD) && is_ready(p),
+        )
+        .unwrap();
+    let last = container(&pod, HTTPD)
+        .and_then(|c| c.last_state.as_ref()?.terminated.clone())
+        .expect("the killed attempt as lastState");
+    assert_eq!(last.exit_code, 0, "{last:?}");
+    assert_ne!(node.container_id("lively"), first);
+    assert_eq!(node.sandboxes("lively"), sandboxes);
+    assert!(
+        node.agent
+            .wait_for_log(&["lively", "killing", "failed probe"], Duration::ZERO)
+            .is_some()
+    );
+}
+
+/// containerd going away is said, pods keep running, and once it is back the agent uses it
+/// again: a pod added afterwards starts.
+#[test]
+fn runtime_restart_is_survived() {
+    let steady = HttpdPod {
+        name: "steady",
+        port: PORT,
+        ..Default::default()
+    };
+    let mut node = Node::start(&[("steady", steady.yaml())]);
+    node.wait_ready(&["steady"], POD_START);
+    let before = node.running_state();
+    node.containerd.restart(Duration::from_secs(3)).unwrap();
+    assert!(
+        node.agent
+            .wait_for_log(&["CRI runtime unreachable"], Duration::ZERO)
+            .is_some(),
+        "the outage is said:\n{}",
+        node.agent.logs().join("\n")
+    );
+    let back = node
+        .agent
+        .wait_for_log(&["CRI runtime answers again"], POD_START);
+    assert!(back.is_some(), "{}", node.agent.logs().join("\n"));
+    let late = HttpdPod {
+        name: "late",
+        port: PORT,
+        ..Default::default()
+    };
+    write(node.manifests.path(), "late.yaml", &late.yaml()).unwrap();
+    node.wait_ready(&["steady", "late"], POD_START);
+    node.cri = node
+        .rt
+        .block_on(Cri::connect(&node.containerd.endpoint(), POD_START))
+        .unwrap();
+    let (ids, restarts) = node.running_state();
+    assert!(
+        before.0.is_subset(&ids),
+        "steady's sandbox and container kept"
+    );
+    assert_eq!(restarts.get("steady/httpd"), Some(&0));
+}

@@ -299,7 +299,7 @@ impl Worker {
                     info!(pod = %self.name, sandbox = %sandbox.id, "adopted running sandbox");
                     self.sandbox = Some(Sandbox {
                         id: sandbox.id,
-                        ip: sandbox_ip(&status),
+                        ip: self.pod_ip(pod, &status),
                         config: spec::sandbox_config(
                             pod,
                             &self.uid,
@@ -347,13 +347,24 @@ impl Worker {
         std::fs::create_dir_all(&config.log_directory)?;
         let id = self.cri.run_pod_sandbox(config.clone()).await?;
         let status = self.cri.pod_sandbox_status(&id).await?;
-        let ip = sandbox_ip(&status);
+        let ip = self.pod_ip(pod, &status);
         info!(pod = %self.name, sandbox = %id, ip = ?ip, "sandbox running");
         // The datapath attaches to the pod's interface before any container can send.
         self.attach_network().await;
         self.sandbox = Some(Sandbox { id, ip, config });
         self.forget_all_probes();
         Ok(())
+    }
+
+    /// The sandbox's address; a pod on the node's network has the node's.
+    fn pod_ip(&self, pod: &Pod, status: &k8s_cri::v1::PodSandboxStatus) -> Option<Ipv4Addr> {
+        let host_network = pod.spec.as_ref().and_then(|s| s.host_network) == Some(true);
+        let ip = status.network.as_ref().and_then(|n| n.ip.parse().ok());
+        if host_network {
+            ip.or(self.settings.host_ip)
+        } else {
+            ip
+        }
     }
 
     /// Asks the agent to follow the pod interfaces, and waits until it has.
@@ -900,10 +911,6 @@ fn pre_stop(pod: &Pod, container: &str) -> Option<Vec<String>> {
         .as_ref()?
         .command
         .clone()
-}
-
-fn sandbox_ip(status: &k8s_cri::v1::PodSandboxStatus) -> Option<Ipv4Addr> {
-    status.network.as_ref()?.ip.parse().ok()
 }
 
 fn nanos(n: i64) -> Option<Timestamp> {
