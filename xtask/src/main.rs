@@ -26,8 +26,13 @@ enum Task {
     BuildEbpf,
     /// Run every test: unit, golden-packet and end-to-end (needs root).
     Test,
-    /// Build a client / node / 3-backend namespace topology and show a Service load-balancing.
-    Demo,
+    /// Run a standalone node (containerd + the agent + deploy/demo/node/) and show its Service
+    /// answering from every pod (needs root).
+    Demo {
+        /// Instead: the agent as a Service proxy only, between a client and 3 backend namespaces.
+        #[arg(long)]
+        proxy: bool,
+    },
     /// Measure node-agent against kube-proxy's iptables and nftables modes (needs root).
     Bench(bench::BenchArgs),
     /// Build the local OCI images (pause, busybox) as archives for `ctr images import`.
@@ -53,13 +58,15 @@ fn main() -> anyhow::Result<()> {
             cargo(&root, &["build", "--package", "node-agent"])?;
             cargo(&root, &["test"])
         }
-        Task::Demo => {
+        Task::Demo { proxy } => {
             setup::run()?;
             cargo(&root, &["build", "--release", "--package", "node-agent"])?;
-            demo::run(
-                &root.join("target/release/node-agent"),
-                &root.join("deploy/demo"),
-            )
+            let agent = root.join("target/release/node-agent");
+            if proxy {
+                demo::proxy(&agent, &root.join("deploy/demo/proxy"))
+            } else {
+                demo::node(&agent, &root.join("deploy/demo/node"))
+            }
         }
         Task::Bench(args) => {
             setup::run()?;
