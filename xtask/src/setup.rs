@@ -24,6 +24,9 @@ const PACKAGES: &[&str] = &[
     "containernetworking-plugins",
     "busybox-static",
     "protobuf-compiler",
+    // The local pause image is a static C program.
+    "gcc",
+    "libc6-dev",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

@@ -180,8 +180,12 @@ impl Worker {
         if current != Some(&event.container_id) {
             return;
         }
-        info!(pod = %self.name, container = %event.container, probe = %event.kind,
-            healthy = event.healthy, "{}", event.message);
+        let outcome = if event.healthy {
+            "probe succeeded".to_owned()
+        } else {
+            format!("probe failed: {}", event.message)
+        };
+        info!(pod = %self.name, container = %event.container, probe = %event.kind, "{outcome}");
         let name = event.container;
         match (event.kind, event.healthy) {
             (ProbeKind::Readiness, true) => {
