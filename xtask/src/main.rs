@@ -28,7 +28,8 @@ enum Task {
     Test,
     /// Build a client / node / 3-backend namespace topology and show a Service load-balancing.
     Demo,
-    /// Measure node-agent against kube-proxy's iptables and nftables modes (needs root).
+    /// Measure node-agent against kube-proxy's iptables and nftables modes, and its embedded
+    /// kubelet's pod start against the raw CRI calls it needs (needs root).
     Bench(bench::BenchArgs),
     /// Build the local OCI images (pause, busybox) as archives for `ctr images import`.
     Images {
