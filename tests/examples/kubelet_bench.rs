@@ -5,8 +5,8 @@
 //! stay running, as under the agent, so pod `i` starts next to `i` running ones.
 //!
 //! Prints JSON on stdout: `{"pods": [[[CALL, MS], ..], ..]}`, each pod's calls in the order
-//! made. `cargo xtask bench` runs it (`cargo run --release --example kubelet_bench`) and
-//! compares it with the agent's own pod start. Needs root.
+//! made. `cargo xtask bench` builds it in release with the agent, runs it and compares it
+//! with the agent's own pod start. Needs root.
 use std::{
     future::Future,
     path::Path,

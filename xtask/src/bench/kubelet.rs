@@ -40,6 +40,8 @@ pub const GOAL_RATIO: f64 = 1.25;
 /// Pods started at once all Ready within this, on the project's 2-core machine.
 pub const GOAL_AT_ONCE_MS: f64 = 15_000.0;
 
+/// The example of the tests crate timing the raw CRI calls (`cargo xtask bench` builds it).
+pub const RAW_CRI_EXAMPLE: &str = "kubelet_bench";
 /// The modes, as `skipped` names them.
 const RAW_CRI: &str = "kubelet raw CRI";
 const POD_START: &str = "kubelet pod start";
@@ -127,7 +129,7 @@ pub fn run(
         "{RAW_CRI}: {} pods one after another",
         plan.one_by_one
     ));
-    match raw_cri(plan.one_by_one) {
+    match raw_cri(agent_binary, plan.one_by_one) {
         Ok(raw) => figures.raw_cri = Some(raw),
         Err(e) => skipped.kubelet(progress, RAW_CRI, format!("{e:#}")),
     }
@@ -149,35 +151,24 @@ pub fn run(
     figures
 }
 
-/// The raw CRI figures from the `kubelet_bench` example of the tests crate (built in
-/// release, as the agent is): it links node-agent's CRI client, which xtask must not.
-fn raw_cri(pods: usize) -> anyhow::Result<RawCri> {
-    let mut command = Command::new(env!("CARGO"));
+/// The raw CRI figures from the `RAW_CRI_EXAMPLE` of the tests crate, built next to the
+/// agent (in release, as the agent is): it links node-agent's CRI client, which xtask must not.
+fn raw_cri(agent_binary: &Path, pods: usize) -> anyhow::Result<RawCri> {
+    let example = agent_binary
+        .with_file_name("examples")
+        .join(RAW_CRI_EXAMPLE);
+    let mut command = Command::new(&example);
     command
-        .args([
-            "run",
-            "--release",
-            "--quiet",
-            "--package",
-            "node-agent-tests",
-        ])
-        .args([
-            "--example",
-            "kubelet_bench",
-            "--",
-            "--pods",
-            &pods.to_string(),
-        ])
-        .current_dir(crate::workspace_root())
+        .args(["--pods", &pods.to_string()])
         .stderr(Stdio::inherit());
     let out = command
         .output()
-        .with_context(|| format!("running {command:?}"))?;
+        .with_context(|| format!("running {}", example.display()))?;
     if !out.status.success() {
-        bail!("the kubelet_bench example failed: {}", out.status);
+        bail!("{} failed: {}", example.display(), out.status);
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
-    raw_figures(&stdout).with_context(|| format!("kubelet_bench printed {stdout:?}"))
+    raw_figures(&stdout).with_context(|| format!("{RAW_CRI_EXAMPLE} printed {stdout:?}"))
 }
 
 /// The example's output `{"pods": [[[CALL, MS], ..], ..]}`, summed up.

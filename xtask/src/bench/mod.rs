@@ -42,6 +42,8 @@ use report::{AgentFigures, Row};
 use serde_json::json;
 use stats::{Percentiles, percentiles, summary};
 
+pub use kubelet::RAW_CRI_EXAMPLE;
+
 const CLUSTER_CIDR: &str = "198.18.8.0/21";
 const BACKEND_PORT: u16 = 8080;
 /// The measured Service: written last, so in iptables mode its rule is the last of
