@@ -1,14 +1,16 @@
 //! The raw CRI cost of a pod start, with no agent in between: on a containerd of its own (the
-//! test fixture) with the agent's own CNI network, `--pods N` busybox httpd pods (the e2e's,
-//! no readiness probe) one after another, each through the CRI calls the agent's pod worker
-//! makes to start it, with the configs the worker sends (`node_agent::kubelet::spec`). Pods
-//! stay running, as under the agent, so pod `i` starts next to `i` running ones.
+//! test fixture) with the agent's own CNI network, busybox httpd pods (the e2e's, no readiness
+//! probe) started one after another, each through the CRI calls the agent's pod worker makes
+//! to start it, with the configs the worker sends (`node_agent::kubelet::spec`). Pods stay
+//! running, as under the agent, so each starts next to those before it.
 //!
-//! Prints JSON on stdout: `{"pods": [[[CALL, MS], ..], ..]}`, each pod's calls in the order
-//! made. `cargo xtask bench` builds it in release with the agent, runs it and compares it
-//! with the agent's own pod start. Needs root.
+//! Driven line by line, so `cargo xtask bench` (which builds it in release with the agent) can
+//! take turns with the agent's own pod starts: prints `ready` once the runtime is, then for
+//! each pod name read on stdin one JSON line on stdout, `[[CALL, MS], ..]` in the order the
+//! calls were made. At the end of stdin it exits and the fixture removes its pods. Needs root.
 use std::{
     future::Future,
+    io::{BufRead as _, Write as _},
     path::Path,
     time::{Duration, Instant},
 };
@@ -30,46 +32,39 @@ const PORT: u16 = 8080;
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn main() -> anyhow::Result<()> {
-    let pods = pods_arg(std::env::args().skip(1))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let timings = rt.block_on(run(pods))?;
-    println!("{}", serde_json::json!({ "pods": timings }));
-    Ok(())
-}
-
-/// `--pods N`, the only argument (default 10).
-fn pods_arg(mut args: impl Iterator<Item = String>) -> anyhow::Result<usize> {
-    match (args.next().as_deref(), args.next(), args.next()) {
-        (None, _, _) => Ok(10),
-        (Some("--pods"), Some(n), None) => n.parse().with_context(|| format!("--pods {n}")),
-        _ => bail!("usage: kubelet_bench [--pods N]"),
-    }
-}
-
-async fn run(pods: usize) -> anyhow::Result<Vec<Vec<(&'static str, f64)>>> {
     let containerd = Containerd::start_without_network()?;
     cni::write(
         &containerd.cni_conf_dir(),
         POD_CIDR.parse().map_err(anyhow::Error::msg)?,
         &containerd.root_dir().join("ipam"),
     )?;
-    let mut cri = Cri::connect(&containerd.endpoint(), READY_TIMEOUT).await?;
-    cri.wait_ready(READY_TIMEOUT).await?;
+    let mut cri = rt.block_on(async {
+        let mut cri = Cri::connect(&containerd.endpoint(), READY_TIMEOUT).await?;
+        cri.wait_ready(READY_TIMEOUT).await?;
+        anyhow::Ok(cri)
+    })?;
     let settings = SandboxSettings {
         cgroup_root: containerd.cgroup_root().to_owned(),
         log_root: containerd.root_dir().join("logs"),
     };
-    let mut timings = Vec::with_capacity(pods);
-    for i in 0..pods {
-        let name = format!("bench-{i}");
-        let calls = start_pod(&mut cri, &settings, &containerd.root_dir(), &name).await?;
-        let total: f64 = calls.iter().map(|(_, ms)| ms).sum();
-        eprintln!("kubelet_bench: {name}: CRI calls took {total:.1} ms");
-        timings.push(calls);
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "ready")?;
+    out.flush()?;
+    for name in std::io::stdin().lock().lines() {
+        let name = name?;
+        let calls = rt.block_on(start_pod(
+            &mut cri,
+            &settings,
+            &containerd.root_dir(),
+            &name,
+        ))?;
+        writeln!(out, "{}", serde_json::to_string(&calls)?)?;
+        out.flush()?;
     }
-    Ok(timings)
+    Ok(())
 }
 
 /// Starts pod `name` as the agent's worker does, timing each CRI call (ms). What the worker
