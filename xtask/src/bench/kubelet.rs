@@ -37,9 +37,9 @@ const POLL_MANY: Duration = Duration::from_millis(20);
 const ONE_TIMEOUT: Duration = Duration::from_secs(60);
 const MANY_TIMEOUT: Duration = Duration::from_secs(180);
 /// Pod start within this many times the raw CRI calls it needs (median against median).
-pub const GOAL_RATIO: f64 = 1.25;
+const GOAL_RATIO: f64 = 1.25;
 /// Pods started at once all Ready within this, on the project's 2-core machine.
-pub const GOAL_AT_ONCE_MS: f64 = 15_000.0;
+const GOAL_AT_ONCE_MS: f64 = 15_000.0;
 
 /// The example of the tests crate timing the raw CRI calls (`cargo xtask bench` builds it).
 pub const RAW_CRI_EXAMPLE: &str = "kubelet_bench";
@@ -65,7 +65,7 @@ pub struct Plan {
     pub at_once: usize,
 }
 
-#[derive(serde::Serialize, Default)]
+#[derive(serde::Serialize)]
 pub struct Figures {
     pub raw_cri: Option<RawCri>,
     pub pod_start: Option<PodStart>,

@@ -67,14 +67,18 @@ pub struct BenchArgs {
     nftables_max_services: usize,
     /// Pods started one after another, through raw CRI calls and through the agent
     /// (--quick: 3).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = at_least_one())]
     pods: usize,
     /// Pods written in one manifest and started together (--quick: 10).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = at_least_one())]
     pods_at_once: usize,
     /// Measure only one part: the Service datapath or the embedded kubelet.
     #[arg(long, value_enum)]
     only: Option<Part>,
+}
+
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
