@@ -28,7 +28,8 @@ use crate::{
     netns::{Netns, run_in},
 };
 
-const HEALTH_BIND: &str = "127.0.0.1:10256";
+/// Where the agents started here serve /healthz and /pods (in their own namespace).
+pub const HEALTH_BIND: &str = "127.0.0.1:10256";
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Agent {

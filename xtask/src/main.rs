@@ -33,7 +33,8 @@ enum Task {
         #[arg(long)]
         proxy: bool,
     },
-    /// Measure node-agent against kube-proxy's iptables and nftables modes (needs root).
+    /// Measure node-agent against kube-proxy's iptables and nftables modes, and its embedded
+    /// kubelet's pod start against the raw CRI calls it needs (needs root).
     Bench(bench::BenchArgs),
     /// Build the local OCI images (pause, busybox) as archives for `ctr images import`.
     Images {
@@ -70,7 +71,23 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Bench(args) => {
             setup::run()?;
-            cargo(&root, &["build", "--release", "--package", "node-agent"])?;
+            // The agent and the raw CRI bench linking its CRI client, in one build: they share
+            // one build of node-agent's library (built apart, each gets its own feature set).
+            cargo(
+                &root,
+                &[
+                    "build",
+                    "--release",
+                    "--package",
+                    "node-agent",
+                    "--package",
+                    "node-agent-tests",
+                    "--bin",
+                    "node-agent",
+                    "--example",
+                    bench::RAW_CRI_EXAMPLE,
+                ],
+            )?;
             bench::run(&root.join("target/release/node-agent"), args)
         }
         Task::Images { out } => {

@@ -1,5 +1,6 @@
 //! `cargo xtask bench --quick` end to end: every mode at every scale produced sane figures,
-//! and the plot was drawn. This checks the harness, never a speed.
+//! the plot was drawn, and the kubelet's pod starts were timed. This checks the harness,
+//! never a speed.
 use std::process::Command;
 
 use serde_json::Value;
@@ -44,6 +45,89 @@ fn quick_bench_measures_every_mode() {
     for mode in MODES {
         assert!(svg.contains(mode), "{mode} missing from the plot's legend");
     }
+    check_kubelet(&report["kubelet"]);
+}
+
+/// The CRI calls a pod start needs, in the order the raw run makes them.
+const CRI_CALLS: [&str; 5] = [
+    "ImageStatus",
+    "RunPodSandbox",
+    "PodSandboxStatus",
+    "CreateContainer",
+    "StartContainer",
+];
+const PHASES: [&str; 4] = [
+    "written → pod added",
+    "pod added → sandbox running",
+    "sandbox running → container started",
+    "container started → Ready in /pods",
+];
+/// --quick's pods one after another, and at once.
+const ONE_BY_ONE: u64 = 3;
+const AT_ONCE: u64 = 10;
+
+/// The p50 and p90 of a figure in ms, checked: `samples` of them, ordered, positive and less
+/// than the bench's longest timeout.
+fn spread(figure: &Value, samples: u64, what: &str) -> (f64, f64) {
+    let (p50, p90) = (
+        figure["p50"].as_f64().unwrap(),
+        figure["p90"].as_f64().unwrap(),
+    );
+    assert!(
+        p50 > 0.0 && p90 >= p50 && p90 < 180_000.0,
+        "{what}: {figure}"
+    );
+    assert_eq!(figure["samples"], samples, "{what}");
+    (p50, p90)
+}
+
+/// Named steps, in order; each at least 0 and, pod by pod a part of the whole, a median no
+/// larger than the whole's.
+fn check_steps(steps: &Value, names: &[&str], samples: u64, whole_p50: f64, what: &str) {
+    let steps = steps
+        .as_array()
+        .unwrap_or_else(|| panic!("{what}: {steps}"));
+    let got: Vec<&str> = steps.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(got, names, "{what}");
+    for step in steps {
+        let ms = &step["ms"];
+        let p50 = ms["p50"].as_f64().unwrap();
+        assert!(
+            p50 >= 0.0 && p50 <= whole_p50 && ms["p90"].as_f64().unwrap() >= p50,
+            "{what}, {}: {ms} (whole p50 {whole_p50})",
+            step["name"]
+        );
+        assert_eq!(ms["samples"], samples, "{what}, {}", step["name"]);
+    }
+}
+
+fn check_kubelet(kubelet: &Value) {
+    let raw = &kubelet["raw_cri"];
+    assert_eq!(raw["pods"], ONE_BY_ONE, "raw CRI: {raw}");
+    let (raw_p50, raw_p90) = spread(&raw["sum_ms"], ONE_BY_ONE, "raw CRI sum");
+    check_steps(&raw["calls"], &CRI_CALLS, ONE_BY_ONE, raw_p50, "raw CRI");
+
+    let start = &kubelet["pod_start"];
+    assert_eq!(start["pods"], ONE_BY_ONE, "pod start: {start}");
+    let (p50, p90) = spread(&start["ready_ms"], ONE_BY_ONE, "pod start");
+    let ratio_p50 = start["ratio_p50"].as_f64().unwrap();
+    assert!((ratio_p50 - p50 / raw_p50).abs() < 1e-9, "{start}");
+    assert!((start["ratio_p90"].as_f64().unwrap() - p90 / raw_p90).abs() < 1e-9);
+    assert_eq!(start["goal_ratio"], 1.25);
+    assert_eq!(start["goal_met"], ratio_p50 <= 1.25);
+    check_steps(&start["phases"], &PHASES, ONE_BY_ONE, p50, "pod start");
+
+    let burst = &kubelet["pods_at_once"];
+    assert_eq!(burst["pods"], AT_ONCE, "pods at once: {burst}");
+    let (p50, _) = spread(&burst["ready_ms"], AT_ONCE, "pods at once");
+    let (first, all) = (
+        burst["first_ready_ms"].as_f64().unwrap(),
+        burst["all_ready_ms"].as_f64().unwrap(),
+    );
+    assert!(0.0 < first && first <= p50 && p50 <= all, "{burst}");
+    assert_eq!(burst["goal_ms"], 15_000.0);
+    assert_eq!(burst["goal_met"], all < 15_000.0);
+    check_steps(&burst["phases"], &PHASES, AT_ONCE, all, "pods at once");
 }
 
 fn check_row(row: &Value, mode: &str, scale: u64) {

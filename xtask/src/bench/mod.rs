@@ -1,9 +1,11 @@
 //! `cargo xtask bench`: node-agent against kube-proxy's iptables (legacy and nf_tables
-//! backends) and nftables modes, and a no-NAT floor, in namespaces this run creates.
+//! backends) and nftables modes, and a no-NAT floor, in namespaces this run creates; and the
+//! embedded kubelet's pod start against the raw CRI calls it needs (`kubelet`).
 mod bpf;
 mod footprint;
 mod frame;
 mod kube_proxy;
+mod kubelet;
 mod manifests;
 mod plot;
 mod report;
@@ -40,6 +42,8 @@ use report::{AgentFigures, Row};
 use serde_json::json;
 use stats::{Percentiles, percentiles, summary};
 
+pub use kubelet::RAW_CRI_EXAMPLE;
+
 const CLUSTER_CIDR: &str = "198.18.8.0/21";
 const BACKEND_PORT: u16 = 8080;
 /// The measured Service: written last, so in iptables mode its rule is the last of
@@ -61,6 +65,26 @@ pub struct BenchArgs {
     /// super-linearly in the kernel (22 s at 10k, 8.5 min at 30k on kernel 6.18; hours at 100k).
     #[arg(long, default_value_t = 30_000)]
     nftables_max_services: usize,
+    /// Pods started one after another, through raw CRI calls and through the agent
+    /// (--quick: 3).
+    #[arg(long, default_value_t = 10, value_parser = at_least_one())]
+    pods: usize,
+    /// Pods written in one manifest and started together (--quick: 10).
+    #[arg(long, default_value_t = 50, value_parser = at_least_one())]
+    pods_at_once: usize,
+    /// Measure only one part: the Service datapath or the embedded kubelet.
+    #[arg(long, value_enum)]
+    only: Option<Part>,
+}
+
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    Services,
+    Kubelet,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,6 +144,7 @@ struct Plan {
     changes: usize,
     /// BPF_PROG_TEST_RUN calls per kind of packet.
     packets: usize,
+    kubelet: kubelet::Plan,
 }
 
 /// Says what the run is doing, with the time since it started.
@@ -139,6 +164,10 @@ pub fn run(agent_binary: &Path, args: BenchArgs) -> anyhow::Result<()> {
             per_round: 100,
             changes: 2,
             packets: 500,
+            kubelet: kubelet::Plan {
+                one_by_one: 3,
+                at_once: 10,
+            },
         }
     } else {
         Plan {
@@ -147,12 +176,23 @@ pub fn run(agent_binary: &Path, args: BenchArgs) -> anyhow::Result<()> {
             per_round: 1000,
             changes: 6,
             packets: 5000,
+            kubelet: kubelet::Plan {
+                one_by_one: args.pods,
+                at_once: args.pods_at_once,
+            },
         }
+    };
+    let scales = if args.only == Some(Part::Kubelet) {
+        &[][..]
+    } else {
+        &plan.scales[..]
     };
     let progress = Progress(Instant::now());
     let (mut rows, mut skipped) = (Vec::new(), Skipped::default());
-    println!("{}\n{}", report::HEADER, report::UNITS);
-    for &scale in &plan.scales {
+    if !scales.is_empty() {
+        println!("{}\n{}", report::HEADER, report::UNITS);
+    }
+    for &scale in scales {
         let services = services(scale);
         let mut beds = Vec::new();
         for mode in Mode::ALL {
@@ -254,15 +294,25 @@ pub fn run(agent_binary: &Path, args: BenchArgs) -> anyhow::Result<()> {
         }
         progress.say(format_args!("{scale} services: done, cleaning up"));
     }
+    let kubelet = (args.only != Some(Part::Services))
+        .then(|| kubelet::run(agent_binary, &plan.kubelet, &progress, &mut skipped));
+    if let Some(figures) = &kubelet {
+        println!("{}", kubelet::table(figures));
+    }
     fs::create_dir_all(&args.out)?;
     let path = args.out.join("report.json");
     fs::write(
         &path,
-        serde_json::to_string_pretty(&json!({"results": rows, "skipped": skipped.0}))?,
+        serde_json::to_string_pretty(
+            &json!({"results": rows, "kubelet": kubelet, "skipped": skipped.0}),
+        )?,
     )?;
-    let svg = args.out.join("bench.svg");
-    plot::draw(&rows, &svg)?;
-    println!("report: {}\nplot: {}", path.display(), svg.display());
+    println!("report: {}", path.display());
+    if !rows.is_empty() {
+        let svg = args.out.join("bench.svg");
+        plot::draw(&rows, &svg)?;
+        println!("plot: {}", svg.display());
+    }
     Ok(())
 }
 
@@ -278,6 +328,11 @@ impl Skipped {
         ));
         self.0
             .push(json!({"services": scale, "mode": mode.name(), "reason": reason}));
+    }
+
+    fn kubelet(&mut self, progress: &Progress, mode: &str, reason: String) {
+        progress.say(format_args!("{mode}: left out, {reason}"));
+        self.0.push(json!({"mode": mode, "reason": reason}));
     }
 }
 

@@ -31,14 +31,40 @@ pub struct Percentiles {
 }
 
 pub fn percentiles(values: &[f64]) -> Percentiles {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q) as usize];
+    let sorted = sorted(values);
     Percentiles {
-        p50: at(0.5),
-        p99: at(0.99),
+        p50: nearest_rank_below(&sorted, 0.5),
+        p99: nearest_rank_below(&sorted, 0.99),
         samples: sorted.len(),
     }
+}
+
+/// The median and the 90th percentile (nearest rank below) of a few values, in their unit:
+/// for slow operations measured tens of times, where a p99 would be the maximum.
+#[derive(serde::Serialize, Clone, Copy, Debug, PartialEq)]
+pub struct Spread {
+    pub p50: f64,
+    pub p90: f64,
+    pub samples: usize,
+}
+
+pub fn spread(values: &[f64]) -> Spread {
+    let sorted = sorted(values);
+    Spread {
+        p50: nearest_rank_below(&sorted, 0.5),
+        p90: nearest_rank_below(&sorted, 0.9),
+        samples: sorted.len(),
+    }
+}
+
+fn sorted(values: &[f64]) -> Vec<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted
+}
+
+fn nearest_rank_below(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * q) as usize]
 }
 
 #[cfg(test)]
@@ -55,6 +81,19 @@ mod tests {
         ] {
             let p = percentiles(&values);
             assert_eq!((p.p50, p.p99, p.samples), (p50, p99, values.len()));
+        }
+    }
+
+    #[test]
+    fn spread_takes_the_nearest_rank_below() {
+        let ten: Vec<f64> = (1..=10).rev().map(f64::from).collect();
+        for (values, p50, p90) in [
+            (vec![7.0], 7.0, 7.0),
+            (vec![3.0, 1.0, 2.0], 2.0, 2.0),
+            (ten, 5.0, 9.0),
+        ] {
+            let s = spread(&values);
+            assert_eq!((s.p50, s.p90, s.samples), (p50, p90, values.len()));
         }
     }
 
