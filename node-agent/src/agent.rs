@@ -161,6 +161,13 @@ pub async fn run(mut config: RunConfig) -> anyhow::Result<()> {
         None => None,
     };
 
+    // Pod interfaces get the datapath as soon as they join the pod bridge, while the runtime
+    // still sets the sandbox up.
+    let (link_changed, mut link_changes) = mpsc::unbounded_channel();
+    if kubelet.is_some() {
+        links::watch(move || link_changed.send(()).is_ok())?;
+    }
+
     let (changed, mut changes) = mpsc::unbounded_channel();
     let _watcher = manifest::watch(&config.manifests, changed)?;
     let mut state = NodeState {
@@ -218,6 +225,10 @@ pub async fn run(mut config: RunConfig) -> anyhow::Result<()> {
                     Ok(()) => health.synced(),
                     Err(e) => error!("sync failed: {e:#}"),
                 }
+            }
+            Some(()) = link_changes.recv() => {
+                while link_changes.try_recv().is_ok() {}
+                state.follow_pod_interfaces();
             }
             Some(first) = pod_events.recv() => {
                 let queued: Vec<kubelet::Event> = std::iter::once(first)

@@ -1,10 +1,13 @@
 //! The network interfaces of the agent's namespace, read over rtnetlink (RTM_GETLINK dump):
 //! sysfs would show the namespace sysfs was mounted in, not the agent's.
-use std::{collections::BTreeMap, io, os::fd::AsRawFd as _};
+use std::{collections::BTreeMap, io, os::fd::AsRawFd as _, thread};
 
+use nix::errno::Errno;
 use nix::sys::socket::{
-    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, recv, sendto, socket,
+    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, sendto,
+    socket,
 };
+use tracing::warn;
 
 const RTM_NEWLINK: u16 = 16;
 const RTM_GETLINK: u16 = 18;
@@ -14,6 +17,8 @@ const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_DUMP: u16 = 0x300;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_MASTER: u16 = 10;
+/// The rtnetlink multicast group of link changes.
+const RTMGRP_LINK: u32 = 1;
 const NLMSG_HEADER: usize = 16;
 const IFINFOMSG: usize = 16;
 
@@ -40,6 +45,39 @@ fn ports_of(links: &[Link], bridge: &str) -> Vec<String> {
         .filter(|l| l.master == Some(bridge.index))
         .map(|l| l.name.clone())
         .collect()
+}
+
+/// Calls `changed` after each change to the namespace's interfaces (one appearing, joining a
+/// bridge, going), from a thread of its own, until `changed` returns false.
+pub fn watch(mut changed: impl FnMut() -> bool + Send + 'static) -> io::Result<()> {
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkRoute,
+    )?;
+    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, RTMGRP_LINK))?;
+    thread::Builder::new()
+        .name("link-changes".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+                    // An overrun lost some events: a change all the same.
+                    Ok(_) | Err(Errno::ENOBUFS) => {
+                        if !changed() {
+                            return;
+                        }
+                    }
+                    Err(Errno::EINTR) => {}
+                    Err(e) => {
+                        warn!("watching interface changes stopped: {e}");
+                        return;
+                    }
+                }
+            }
+        })?;
+    Ok(())
 }
 
 /// Every interface of the namespace.

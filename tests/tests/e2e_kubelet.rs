@@ -864,3 +864,34 @@ fn runtime_restart_is_survived() {
     );
     assert_eq!(restarts.get("steady/httpd"), Some(&0));
 }
+
+/// A pod whose file went while the agent was down is removed when it comes back, as left
+/// over; the pod still asked for is adopted untouched.
+#[test]
+fn pod_removed_while_the_agent_was_down_is_cleaned_up() {
+    let pod = |name| HttpdPod {
+        name,
+        port: PORT,
+        ..Default::default()
+    };
+    let mut node = Node::start(&[("keep", pod("keep").yaml()), ("gone", pod("gone").yaml())]);
+    node.wait_ready(&["keep", "gone"], POD_START);
+    let kept = node.container_id("keep");
+    let status = node.agent.stop().unwrap();
+    assert!(status.success(), "{status}");
+    fs::remove_file(node.manifests.path().join("gone.yaml")).unwrap();
+    node.agent.restart().unwrap();
+    let removed = node
+        .agent
+        .wait_for_log(&["removing a pod no longer asked for", "gone"], POD_START);
+    assert!(removed.is_some(), "{}", node.agent.logs().join("\n"));
+    let deadline = Instant::now() + POD_START;
+    while !node.sandboxes("gone").is_empty() {
+        assert!(Instant::now() < deadline, "gone's sandbox is still there");
+        thread::sleep(Duration::from_millis(100));
+    }
+    node.wait_ready(&["keep"], POD_START);
+    assert_eq!(node.container_id("keep"), kept);
+    let pods = node.agent.pods().unwrap();
+    assert!(find_pod(&pods, "gone").is_none());
+}

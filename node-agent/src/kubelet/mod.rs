@@ -147,6 +147,8 @@ struct Manager {
     /// What the last relist saw of each pod uid's containers and sandboxes.
     seen: HashMap<String, Vec<(String, i32)>>,
     applied: bool,
+    /// The runtime was listed once: every pod an earlier agent left is known.
+    relisted: bool,
     reachable: bool,
 }
 
@@ -169,6 +171,7 @@ async fn manage(
         reports,
         seen: HashMap::new(),
         applied: false,
+        relisted: false,
         reachable: true,
     };
     let mut relist = tokio::time::interval(RELIST);
@@ -265,8 +268,19 @@ impl Manager {
 
     fn start(&mut self, name: ObjectName, pod: Pod) {
         let uid = pod_uid(&pod);
+        if self.workers.get(&uid).is_some_and(|e| e.orphan) {
+            // Asked for again while its leftovers are being removed: it starts afresh after.
+            self.pending.insert(name, pod);
+            return;
+        }
         info!(pod = %name, uid, "pod added");
-        let handle = self.worker(name.clone(), uid.clone(), Some(Arc::new(pod)));
+        // Only the pods of the first load can have been started by an earlier agent.
+        let begin = if self.relisted {
+            worker::Begin::New(Arc::new(pod))
+        } else {
+            worker::Begin::Adopt(Arc::new(pod))
+        };
+        let handle = self.worker(name.clone(), uid.clone(), begin);
         self.names.insert(name.clone(), uid.clone());
         self.workers.insert(
             uid,
@@ -279,16 +293,14 @@ impl Manager {
         );
     }
 
-    fn worker(&self, name: ObjectName, uid: String, pod: Option<Arc<Pod>>) -> worker::Handle {
-        worker::Worker::spawn(
-            name,
-            uid,
-            pod,
-            self.cri.clone(),
-            self.settings.clone(),
-            self.refs_tx.subscribe(),
-            self.reports.clone(),
-        )
+    fn worker(&self, name: ObjectName, uid: String, begin: worker::Begin) -> worker::Handle {
+        let shared = worker::Shared {
+            cri: self.cri.clone(),
+            settings: self.settings.clone(),
+            refs: self.refs_tx.subscribe(),
+            reports: self.reports.clone(),
+        };
+        worker::Worker::spawn(name, uid, begin, shared)
     }
 
     /// The worker of `uid` ended; true when its pod's removal is news to the agent.
@@ -298,6 +310,9 @@ impl Manager {
             return false;
         };
         if entry.orphan {
+            if let Some(pod) = self.pending.remove(&entry.name) {
+                self.start(entry.name, pod);
+            }
             return false;
         }
         if self.names.get(&entry.name).is_some_and(|u| u == uid) {
@@ -368,7 +383,7 @@ impl Manager {
             }
             let name = names.remove(&uid).unwrap_or_default();
             info!(pod = %name, uid, "removing a pod no longer asked for");
-            let handle = self.worker(name.clone(), uid.clone(), None);
+            let handle = self.worker(name.clone(), uid.clone(), worker::Begin::Remove);
             self.workers.insert(
                 uid,
                 Entry {
@@ -379,6 +394,7 @@ impl Manager {
                 },
             );
         }
+        self.relisted = true;
     }
 }
 

@@ -64,6 +64,8 @@ pub struct Worker {
     cri: Cri,
     settings: Arc<Settings>,
     desired: watch::Receiver<Option<Arc<Pod>>>,
+    /// The first sync looks for a sandbox an earlier agent started.
+    adopt: bool,
     refs: watch::Receiver<Arc<PodRefs>>,
     wake: Arc<Notify>,
     reports: mpsc::UnboundedSender<Report>,
@@ -94,28 +96,43 @@ pub struct Worker {
     deleted: Option<Timestamp>,
 }
 
+/// What every worker is given by the manager.
+pub struct Shared {
+    pub cri: Cri,
+    pub settings: Arc<Settings>,
+    pub refs: watch::Receiver<Arc<PodRefs>>,
+    pub reports: mpsc::UnboundedSender<Report>,
+}
+
+/// How a worker begins.
+pub enum Begin {
+    /// Run a pod an earlier agent may have started: adopt its sandbox and containers.
+    Adopt(Arc<Pod>),
+    /// Run a pod first seen by this agent: nothing to adopt.
+    New(Arc<Pod>),
+    /// Remove what an earlier agent left for a pod nobody asks for any more.
+    Remove,
+}
+
 impl Worker {
-    #[allow(clippy::too_many_arguments)]
-    pub fn spawn(
-        name: ObjectName,
-        uid: String,
-        pod: Option<Arc<Pod>>,
-        cri: Cri,
-        settings: Arc<Settings>,
-        refs: watch::Receiver<Arc<PodRefs>>,
-        reports: mpsc::UnboundedSender<Report>,
-    ) -> Handle {
+    pub fn spawn(name: ObjectName, uid: String, begin: Begin, shared: Shared) -> Handle {
+        let (adopt, pod) = match begin {
+            Begin::Adopt(pod) => (true, Some(pod)),
+            Begin::New(pod) => (false, Some(pod)),
+            Begin::Remove => (false, None),
+        };
         let (desired_tx, desired) = watch::channel(pod);
         let wake = Arc::new(Notify::new());
         let worker = Worker {
             name,
             uid: uid.clone(),
-            cri,
-            settings,
+            cri: shared.cri,
+            settings: shared.settings,
             desired,
-            refs,
+            refs: shared.refs,
             wake: wake.clone(),
-            reports,
+            reports: shared.reports,
+            adopt,
             sandbox: None,
             volumes: None,
             backoff: Backoff::crash_loop(),
@@ -291,6 +308,9 @@ impl Worker {
     /// that is not ready) is stopped and removed so a new one is made.
     async fn sandbox_ready(&mut self, pod: &Pod) -> anyhow::Result<bool> {
         if self.sandbox.is_none() {
+            if !std::mem::take(&mut self.adopt) {
+                return Ok(false);
+            }
             // Adopt the newest ready sandbox an earlier agent made for this pod.
             let mut ours = self
                 .cri
