@@ -380,7 +380,7 @@ impl NodeState {
             .cloned()
             .collect::<Vec<_>>()
         {
-            match self.datapath.attach(&new) {
+            match self.datapath.attach_pod(&new) {
                 Ok(()) => {
                     debug!(device = %new, "datapath attached to pod interface");
                     self.pod_devices.insert(new);

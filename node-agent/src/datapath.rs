@@ -15,7 +15,8 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
-        Program, SchedClassifier, TcAttachType, TestRun, TestRunOptions, tc::SchedClassifierLinkId,
+        Program, SchedClassifier, TcAttachType, TestRun, TestRunOptions,
+        tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcError},
     },
 };
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
@@ -138,13 +139,40 @@ impl Datapath {
         })
     }
 
-    /// Attaches the programs to `device`'s ingress and egress (TCX on this kernel).
+    /// Attaches the programs to a node device's ingress and egress (TCX on this kernel).
     pub fn attach(&mut self, device: &str) -> anyhow::Result<()> {
+        self.attach_with(device, |program, hook| {
+            program.attach(device, hook.attach_type())
+        })
+    }
+
+    /// Attaches the programs to a pod interface, through a clsact qdisc: a TCX attach waits
+    /// for an RCU grace period holding the RTNL lock (about 12 ms per hook here), which the
+    /// runtime setting up the next pod's network waits for too.
+    pub fn attach_pod(&mut self, device: &str) -> anyhow::Result<()> {
+        match tc::qdisc_add_clsact(device) {
+            Err(TcError::NetlinkError(e))
+                if e.raw_os_error() == Some(nix::errno::Errno::EEXIST as i32) => {}
+            other => other.with_context(|| format!("adding a clsact qdisc to {device}"))?,
+        }
+        self.attach_with(device, |program, hook| {
+            let options = TcAttachOptions::Netlink(NlOptions::default());
+            program.attach_with_options(device, hook.attach_type(), options)
+        })
+    }
+
+    fn attach_with(
+        &mut self,
+        device: &str,
+        attach: impl Fn(
+            &mut SchedClassifier,
+            Hook,
+        ) -> Result<SchedClassifierLinkId, aya::programs::ProgramError>,
+    ) -> anyhow::Result<()> {
         let mut links = Vec::new();
         for hook in Hook::ALL {
             let program: &mut SchedClassifier = self.program(hook)?.try_into()?;
-            let link = program
-                .attach(device, hook.attach_type())
+            let link = attach(program, hook)
                 .with_context(|| format!("attaching {} to device {device}", hook.program()))?;
             links.push((hook, link));
         }
