@@ -268,18 +268,35 @@ impl Cri {
     /// The response, or an error naming the endpoint, the call and the runtime's message.
     fn call<T>(
         &self,
-        name: &str,
+        name: &'static str,
         response: Result<tonic::Response<T>, tonic::Status>,
     ) -> anyhow::Result<T> {
         response.map(tonic::Response::into_inner).map_err(|s| {
-            anyhow::anyhow!(
-                "CRI {name} at {}: {:?}: {}",
-                self.endpoint,
-                s.code(),
-                s.message()
-            )
+            CallError {
+                call: name,
+                endpoint: self.endpoint.clone(),
+                code: s.code(),
+                message: s.message().to_owned(),
+            }
+            .into()
         })
     }
+}
+
+/// A CRI call the runtime refused or could not answer.
+#[derive(Debug, thiserror::Error)]
+#[error("CRI {call} at {endpoint}: {code:?}: {message}")]
+pub struct CallError {
+    pub call: &'static str,
+    pub endpoint: String,
+    pub code: tonic::Code,
+    pub message: String,
+}
+
+/// Whether `e` is the runtime saying the object asked about does not exist.
+pub fn not_found(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<CallError>()
+        .is_some_and(|c| c.code == tonic::Code::NotFound)
 }
 
 fn label_selector(labels: &[(&str, &str)]) -> std::collections::HashMap<String, String> {

@@ -28,7 +28,10 @@ use super::{
     status::{self, Observed},
     volumes::{self, Volumes},
 };
-use crate::{cri::Cri, model::ObjectName};
+use crate::{
+    cri::{self, Cri},
+    model::ObjectName,
+};
 
 /// How often a worker decides again with nothing else happening (the runtime's own changes
 /// wake it through the manager's relist).
@@ -308,7 +311,7 @@ impl Worker {
     /// that is not ready) is stopped and removed so a new one is made.
     async fn sandbox_ready(&mut self, pod: &Pod) -> anyhow::Result<bool> {
         if self.sandbox.is_none() {
-            if !std::mem::take(&mut self.adopt) {
+            if !self.adopt {
                 return Ok(false);
             }
             // Adopt the newest ready sandbox an earlier agent made for this pod.
@@ -338,6 +341,8 @@ impl Worker {
                     self.remove_sandbox(&sandbox.id).await?;
                 }
             }
+            // Adopted, or found nothing to adopt: from now on a missing sandbox is made anew.
+            self.adopt = false;
             return Ok(self.sandbox.is_some());
         }
         let id = self
@@ -345,9 +350,12 @@ impl Worker {
             .as_ref()
             .map(|s| s.id.clone())
             .unwrap_or_default();
-        let status = self.cri.pod_sandbox_status(&id).await;
-        if status.is_ok_and(|s| s.state() == PodSandboxState::SandboxReady) {
-            return Ok(true);
+        // A runtime that does not answer says nothing of the sandbox: the sync is retried.
+        match self.cri.pod_sandbox_status(&id).await {
+            Ok(s) if s.state() == PodSandboxState::SandboxReady => return Ok(true),
+            Ok(_) => {}
+            Err(e) if cri::not_found(&e) => {}
+            Err(e) => return Err(e),
         }
         warn!(pod = %self.name, sandbox = %id, "sandbox is not ready: making a new one");
         self.remove_sandbox(&id).await?;
@@ -848,8 +856,12 @@ impl Worker {
 
     /// Stops and removes a sandbox with its containers (CNI tears its network down).
     async fn remove_sandbox(&mut self, id: &str) -> anyhow::Result<()> {
-        self.cri.stop_pod_sandbox(id).await?;
-        self.cri.remove_pod_sandbox(id).await
+        let done = |r: anyhow::Result<()>| match r {
+            Err(e) if cri::not_found(&e) => Ok(()),
+            r => r,
+        };
+        done(self.cri.stop_pod_sandbox(id).await)?;
+        done(self.cri.remove_pod_sandbox(id).await)
     }
 }
 
