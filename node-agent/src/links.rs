@@ -50,12 +50,7 @@ fn ports_of(links: &[Link], bridge: &str) -> Vec<String> {
 /// Calls `changed` after each change to the namespace's interfaces (one appearing, joining a
 /// bridge, going), from a thread of its own, until `changed` returns false.
 pub fn watch(mut changed: impl FnMut() -> bool + Send + 'static) -> io::Result<()> {
-    let fd = socket(
-        AddressFamily::Netlink,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkRoute,
-    )?;
+    let fd = route_socket()?;
     bind(fd.as_raw_fd(), &NetlinkAddr::new(0, RTMGRP_LINK))?;
     thread::Builder::new()
         .name("link-changes".into())
@@ -80,14 +75,18 @@ pub fn watch(mut changed: impl FnMut() -> bool + Send + 'static) -> io::Result<(
     Ok(())
 }
 
-/// Every interface of the namespace.
-fn dump() -> io::Result<Vec<Link>> {
-    let fd = socket(
+fn route_socket() -> nix::Result<std::os::fd::OwnedFd> {
+    socket(
         AddressFamily::Netlink,
         SockType::Raw,
         SockFlag::SOCK_CLOEXEC,
         SockProtocol::NetlinkRoute,
-    )?;
+    )
+}
+
+/// Every interface of the namespace.
+fn dump() -> io::Result<Vec<Link>> {
+    let fd = route_socket()?;
     let mut request = Vec::with_capacity(NLMSG_HEADER + IFINFOMSG);
     request.extend_from_slice(&((NLMSG_HEADER + IFINFOMSG) as u32).to_ne_bytes());
     request.extend_from_slice(&RTM_GETLINK.to_ne_bytes());
