@@ -98,8 +98,9 @@ fn clean_iptables(save: &str, restore: &str) -> anyhow::Result<()> {
         .with_context(|| format!("writing to {restore}"))?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
+        // Its message names the line of the script that failed.
         bail!(
-            "{restore} --noflush failed: {}\n{script}",
+            "{restore} --noflush failed: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }

@@ -296,3 +296,33 @@ fn the_roles_grant_exactly_what_the_agent_calls() {
     }
     assert_eq!(bound_to_service_account, ["node-agent-proxy"]);
 }
+
+/// The full-node kubeconfig example names a context whose cluster and user it defines, with
+/// a client certificate (the identity rbac.yaml binds by group).
+#[test]
+fn the_kubeconfig_example_is_complete() {
+    let path = deploy_dir().join("systemd/kubeconfig.example");
+    let config: Value = serde_yaml::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(
+        (&config["apiVersion"], &config["kind"]),
+        (&"v1".into(), &"Config".into())
+    );
+    let named = |list: &str, name: &Value| {
+        config[list]
+            .as_array()
+            .and_then(|items| items.iter().find(|i| &i["name"] == name).cloned())
+            .unwrap_or_else(|| panic!("{}: no {list} entry {name}", path.display()))
+    };
+    let context = named("contexts", &config["current-context"]);
+    let cluster = named("clusters", &context["context"]["cluster"]);
+    let user = named("users", &context["context"]["user"]);
+    assert!(
+        cluster["cluster"]["server"]
+            .as_str()
+            .unwrap()
+            .starts_with("https://")
+    );
+    assert!(
+        user["user"]["client-certificate"].is_string() && user["user"]["client-key"].is_string()
+    );
+}
