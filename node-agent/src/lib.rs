@@ -3,6 +3,8 @@
 //! sources (manifest directory) → model → proxy (compile → diff) → datapath (eBPF maps);
 //! Pods → kubelet (CRI workers) → pod status → endpoints → proxy.
 pub mod agent;
+pub mod cleanup;
+pub mod config;
 pub mod cri;
 pub mod datapath;
 pub mod endpoints;
@@ -14,4 +16,5 @@ pub mod memory;
 pub mod model;
 pub mod pods;
 pub mod proxy;
+pub mod rbac;
 pub mod source;

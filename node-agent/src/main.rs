@@ -4,8 +4,8 @@ use std::{
     path::PathBuf,
 };
 
-use clap::{Parser, Subcommand};
-use node_agent::{agent, datapath, lb, model::Ipv4Cidr, pods};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand, parser::ValueSource};
+use node_agent::{agent, cleanup, config, datapath, lb, model::Ipv4Cidr, pods};
 use tracing_subscriber::EnvFilter;
 
 #[global_allocator]
@@ -25,25 +25,7 @@ struct Cli {
 enum Command {
     /// Run the node from a manifest directory until SIGTERM: its pods through the container
     /// runtime, its Services in the datapath.
-    Run {
-        /// Directory of Service, EndpointSlice, Pod, ConfigMap and Secret manifests
-        /// (*.yaml, *.yml, *.json).
-        #[arg(long)]
-        manifests: PathBuf,
-        /// Node devices to attach the datapath to, comma-separated (pod interfaces are found
-        /// on their own).
-        #[arg(long, value_delimiter = ',')]
-        devices: Vec<String>,
-        /// Address of the /healthz server.
-        #[arg(long, default_value = "127.0.0.1:10256")]
-        health_bind: SocketAddr,
-        #[command(flatten)]
-        bpffs: Bpffs,
-        #[command(flatten)]
-        node: NodeArgs,
-        #[command(flatten)]
-        kubelet: KubeletArgs,
-    },
+    Run(RunArgs),
     /// The pods the running agent's kubelet reports, with their status.
     Pods {
         /// Address of the running agent's health server.
@@ -52,11 +34,57 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t = pods::Output::Table)]
         output: pods::Output,
     },
+    /// Remove kube-proxy's iptables and nftables rules (as `kube-proxy --cleanup`), when
+    /// taking over a node from it.
+    CleanupKubeProxy,
     /// Inspect the load-balancing maps.
     Lb {
         #[command(subcommand)]
         command: LbCommand,
     },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// A NodeAgentConfiguration file (KubeProxyConfiguration / KubeletConfiguration field
+    /// names); flags given on the command line override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Directory of Service, EndpointSlice, Pod, ConfigMap and Secret manifests
+    /// (*.yaml, *.yml, *.json). Required here or as staticPodPath in --config.
+    #[arg(long)]
+    manifests: Option<PathBuf>,
+    /// Node devices to attach the datapath to, comma-separated (pod interfaces are found
+    /// on their own).
+    #[arg(long, value_delimiter = ',')]
+    devices: Vec<String>,
+    /// Address of the /healthz server.
+    #[arg(long, default_value = "127.0.0.1:10256")]
+    health_bind: SocketAddr,
+    #[command(flatten)]
+    bpffs: Bpffs,
+    #[command(flatten)]
+    node: NodeArgs,
+    #[command(flatten)]
+    kubelet: KubeletArgs,
+}
+
+impl RunArgs {
+    /// The settings `run` uses: these flags over the --config file; `matches` (the `run`
+    /// subcommand's) tell which flags were given on the command line.
+    fn into_config(self, matches: &clap::ArgMatches) -> anyhow::Result<agent::RunConfig> {
+        let flags = agent::RunConfig {
+            manifests: self.manifests.unwrap_or_default(),
+            devices: self.devices,
+            health_bind: self.health_bind,
+            bpffs: self.bpffs.dir,
+            node: self.node.into_config()?,
+            kubelet: self.kubelet.into_config(),
+        };
+        let file = self.config.as_deref().map(config::load).transpose()?;
+        let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+        config::effective(flags, file.unwrap_or_default(), given).map_err(anyhow::Error::msg)
+    }
 }
 
 #[derive(Subcommand)]
@@ -156,23 +184,13 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    match Cli::parse().command {
-        Command::Run {
-            manifests,
-            devices,
-            health_bind,
-            bpffs,
-            node,
-            kubelet,
-        } => {
-            let config = agent::RunConfig {
-                manifests,
-                devices,
-                health_bind,
-                bpffs: bpffs.dir,
-                node: node.into_config()?,
-                kubelet: kubelet.into_config(),
-            };
+    let matches = Cli::command().get_matches();
+    match Cli::from_arg_matches(&matches)?.command {
+        Command::Run(args) => {
+            let run = matches
+                .subcommand_matches("run")
+                .expect("the run subcommand");
+            let config = args.into_config(run)?;
             tokio::runtime::Runtime::new()?.block_on(agent::run(config))
         }
         Command::Pods {
@@ -182,11 +200,52 @@ fn main() -> anyhow::Result<()> {
             print!("{}", pods::show(health_bind, output)?);
             Ok(())
         }
+        Command::CleanupKubeProxy => cleanup::kube_proxy(),
         Command::Lb {
             command: LbCommand::List { bpffs },
         } => {
             print!("{}", lb::format_list(&datapath::read_pinned(&bpffs.dir)?));
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every id `config::effective` asks about is a `run` argument (clap panics on others in
+    /// debug builds), and a flag given on the command line wins over the file.
+    #[test]
+    fn config_file_under_the_command_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config.yaml");
+        std::fs::write(
+            &file,
+            "staticPodPath: /etc/kubernetes/manifests\nclusterCIDR: 10.244.0.0/16\n\
+             podCIDR: 10.244.1.0/24\nhostnameOverride: n1\n",
+        )
+        .unwrap();
+        let matches = Cli::command().get_matches_from([
+            "node-agent".as_ref(),
+            "run".as_ref(),
+            "--config".as_ref(),
+            file.as_os_str(),
+            "--cluster-cidr".as_ref(),
+            "10.0.0.0/8".as_ref(),
+        ]);
+        let Command::Run(args) = Cli::from_arg_matches(&matches).unwrap().command else {
+            panic!("not run");
+        };
+        let config = args
+            .into_config(matches.subcommand_matches("run").unwrap())
+            .unwrap();
+        assert_eq!(config.manifests, PathBuf::from("/etc/kubernetes/manifests"));
+        assert_eq!(config.node.cluster_cidr, "10.0.0.0/8".parse().ok());
+        assert_eq!(config.node.name, "n1");
+        assert_eq!(
+            config.kubelet.unwrap().pod_cidr,
+            "10.244.1.0/24".parse().ok()
+        );
     }
 }
