@@ -11,6 +11,7 @@ pub mod kubelet;
 pub mod lb;
 pub mod links;
 pub mod memory;
+pub mod metrics;
 pub mod model;
 pub mod pods;
 pub mod proxy;

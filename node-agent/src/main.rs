@@ -34,9 +34,12 @@ enum Command {
         /// on their own).
         #[arg(long, value_delimiter = ',')]
         devices: Vec<String>,
-        /// Address of the /healthz server.
+        /// Address of the /healthz and /livez server.
         #[arg(long, default_value = "127.0.0.1:10256")]
         health_bind: SocketAddr,
+        /// Address of the Prometheus /metrics server.
+        #[arg(long, default_value = "127.0.0.1:10249")]
+        metrics_bind: SocketAddr,
         #[command(flatten)]
         bpffs: Bpffs,
         #[command(flatten)]
@@ -161,6 +164,7 @@ fn main() -> anyhow::Result<()> {
             manifests,
             devices,
             health_bind,
+            metrics_bind,
             bpffs,
             node,
             kubelet,
@@ -169,6 +173,7 @@ fn main() -> anyhow::Result<()> {
                 manifests,
                 devices,
                 health_bind,
+                metrics_bind,
                 bpffs: bpffs.dir,
                 node: node.into_config()?,
                 kubelet: kubelet.into_config(),
