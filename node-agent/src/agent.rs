@@ -23,6 +23,7 @@ use crate::{
     health::{self, Health, ServiceHealthServers},
     kubelet::{self, Kubelet, PodChanges, cni},
     links, memory,
+    metrics::{self, Metrics},
     model::{Changes, Ipv4Cidr, Node, ObjectName},
     proxy::Proxy,
     source::manifest::{self, ManifestDir, Watched},
@@ -32,6 +33,7 @@ pub struct RunConfig {
     pub manifests: PathBuf,
     pub devices: Vec<String>,
     pub health_bind: SocketAddr,
+    pub metrics_bind: SocketAddr,
     pub bpffs: PathBuf,
     pub node: NodeConfig,
     /// None: Service proxy only.
@@ -138,6 +140,10 @@ pub async fn run(mut config: RunConfig) -> anyhow::Result<()> {
     info!(devices = ?config.devices, bpffs = %config.bpffs.display(), "datapath attached");
     let health = health::Health::default();
     health::serve(config.health_bind, health.clone()).await?;
+    let metrics = Metrics::default();
+    let (ask, mut scrapes) = mpsc::channel(4);
+    let counters = datapath.service_counters()?;
+    metrics::serve(config.metrics_bind, metrics.clone(), counters, ask).await?;
 
     let (kubelet_events, mut pod_events) = mpsc::unbounded_channel();
     let kubelet = match config.kubelet {
@@ -180,6 +186,7 @@ pub async fn run(mut config: RunConfig) -> anyhow::Result<()> {
         pods: BTreeMap::new(),
         pod_devices: BTreeSet::new(),
         health: health.clone(),
+        metrics,
     };
     // The first load hands each file's objects on as soon as it is parsed.
     let (start, mut files) = (Instant::now(), 0);
@@ -209,19 +216,21 @@ pub async fn run(mut config: RunConfig) -> anyhow::Result<()> {
         "manifests loaded"
     );
     memory::release();
-    state.sync(files).await.context("first sync")?;
+    state.sync(files, None).await.context("first sync")?;
     memory::release();
     health.synced();
 
     loop {
         tokio::select! {
             Some(first) = changes.recv() => {
+                // Seen now: the watcher hands complete writes on as they happen.
+                let seen = Instant::now();
                 // The watcher reports complete writes only, so nothing waits for a write to
                 // finish: what is already queued is applied together, and that is all.
                 let queued: Vec<Watched> = std::iter::once(first)
                     .chain(std::iter::from_fn(|| changes.try_recv().ok()))
                     .collect();
-                match state.apply(queued).await {
+                match state.apply(queued, seen).await {
                     Ok(()) => health.synced(),
                     Err(e) => error!("sync failed: {e:#}"),
                 }
@@ -231,12 +240,16 @@ pub async fn run(mut config: RunConfig) -> anyhow::Result<()> {
                 state.follow_pod_interfaces();
             }
             Some(first) = pod_events.recv() => {
+                let seen = Instant::now();
                 let queued: Vec<kubelet::Event> = std::iter::once(first)
                     .chain(std::iter::from_fn(|| pod_events.try_recv().ok()))
                     .collect();
-                if let Err(e) = state.pods_changed(queued).await {
+                if let Err(e) = state.pods_changed(queued, seen).await {
                     error!("sync failed: {e:#}");
                 }
+            }
+            Some(reply) = scrapes.recv() => {
+                let _ = reply.send(metrics::service_ports(state.proxy.frontends()));
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
@@ -280,12 +293,13 @@ struct NodeState {
     /// The pods' host-side interfaces the datapath is attached to.
     pod_devices: BTreeSet<String>,
     health: Health,
+    metrics: Metrics,
 }
 
 impl NodeState {
     /// Reads the paths the watcher named (every manifest when it lost track), and writes the
-    /// difference they make.
-    async fn apply(&mut self, watched: Vec<Watched>) -> anyhow::Result<()> {
+    /// difference they make; the agent saw them at `seen`.
+    async fn apply(&mut self, watched: Vec<Watched>, seen: Instant) -> anyhow::Result<()> {
         let mut paths = BTreeSet::new();
         let mut everything = false;
         for w in watched {
@@ -312,12 +326,16 @@ impl NodeState {
             });
         }
         stage(&mut self.endpoints, &mut self.proxy, changes);
-        self.sync(files).await
+        self.sync(files, Some(seen)).await
     }
 
     /// Follows what the kubelet reported: pod statuses into the endpoints and `/pods`, pod
-    /// interfaces into the datapath.
-    async fn pods_changed(&mut self, events: Vec<kubelet::Event>) -> anyhow::Result<()> {
+    /// interfaces into the datapath; the agent saw them at `seen`.
+    async fn pods_changed(
+        &mut self,
+        events: Vec<kubelet::Event>,
+        seen: Instant,
+    ) -> anyhow::Result<()> {
         let mut attached = Vec::new();
         let mut changed = false;
         for event in events {
@@ -352,7 +370,7 @@ impl NodeState {
             endpoint_slices: slices,
             ..Default::default()
         });
-        self.sync(0).await
+        self.sync(0, Some(seen)).await
     }
 
     /// Attaches the datapath to pod interfaces that appeared on the pod bridge and lets go
@@ -390,9 +408,11 @@ impl NodeState {
         }
     }
 
-    /// Writes what was staged; `files` were read for it.
-    async fn sync(&mut self, files: usize) -> anyhow::Result<()> {
+    /// Writes what was staged; `files` were read for it, and the agent saw the changes at
+    /// `seen` (none for the first sync).
+    async fn sync(&mut self, files: usize, seen: Option<Instant>) -> anyhow::Result<()> {
         let report = self.proxy.sync(&mut self.datapath)?;
+        self.metrics.synced(&report, seen);
         for e in &report.errors {
             warn!("object refused: {e}");
         }

@@ -11,7 +11,7 @@ use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        HashMap, Map, MapData,
+        HashMap, Map, MapData, MapError, PerCpuHashMap,
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
@@ -22,8 +22,8 @@ use aya::{
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 use node_common::{
     AFFINITY_MAP, BACKENDS_MAP, Backend, CLUSTER_IPS_MAP, CONFIG_GLOBAL, CONNTRACK_MAP, Config,
-    REV_NAT_MAP, RevNat, SERVICES_MAP, SOURCE_RANGE_FRONTEND_BITS, SOURCE_RANGES_MAP, ServiceKey,
-    ServiceValue, SourceRange,
+    REV_NAT_MAP, RevNat, SERVICE_COUNTERS_MAP, SERVICES_MAP, SOURCE_RANGE_FRONTEND_BITS,
+    SOURCE_RANGES_MAP, ServiceCounters, ServiceKey, ServiceValue, SourceRange,
 };
 
 use crate::{
@@ -34,7 +34,7 @@ use crate::{
 /// The object node-agent's build script compiled from node-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/node-ebpf"));
 
-const PINNED_MAPS: [&str; 7] = [
+const PINNED_MAPS: [&str; 8] = [
     SERVICES_MAP,
     BACKENDS_MAP,
     REV_NAT_MAP,
@@ -42,6 +42,7 @@ const PINNED_MAPS: [&str; 7] = [
     AFFINITY_MAP,
     SOURCE_RANGES_MAP,
     CLUSTER_IPS_MAP,
+    SERVICE_COUNTERS_MAP,
 ];
 
 /// Where a program runs on a device.
@@ -74,7 +75,7 @@ impl Hook {
 /// The loaded datapath; see `Pins` for what outlives it.
 pub struct Datapath {
     ebpf: Ebpf,
-    _pins: Pins,
+    pins: Pins,
     maps: ServiceMaps,
     /// The devices the programs are attached to, with their links.
     attached: BTreeMap<String, Vec<(Hook, SchedClassifierLinkId)>>,
@@ -87,6 +88,30 @@ struct ServiceMaps {
     rev_nat: HashMap<MapData, u32, RevNat>,
     source_ranges: LpmTrie<MapData, SourceRange, u8>,
     cluster_ips: HashMap<MapData, u32, u8>,
+    /// Deleted from with the reverse-NAT entries.
+    counters: PerCpuHashMap<MapData, u32, ServiceCounters>,
+}
+
+/// A handle of its own on the per-frontend counters, for reading them away from the agent's
+/// loop.
+pub struct ServiceCounterReader(PerCpuHashMap<MapData, u32, ServiceCounters>);
+
+impl ServiceCounterReader {
+    /// Each frontend's counters (by reverse-NAT id), summed over the CPUs.
+    pub fn read(&self) -> anyhow::Result<BTreeMap<u32, ServiceCounters>> {
+        let mut totals = BTreeMap::new();
+        for entry in self.0.iter() {
+            let (id, per_cpu) = entry.with_context(|| format!("reading {SERVICE_COUNTERS_MAP}"))?;
+            let total = per_cpu
+                .iter()
+                .fold(ServiceCounters::default(), |sum, c| ServiceCounters {
+                    packets: sum.packets.wrapping_add(c.packets),
+                    bytes: sum.bytes.wrapping_add(c.bytes),
+                });
+            totals.insert(id, total);
+        }
+        Ok(totals)
+    }
 }
 
 /// The result of one BPF_PROG_TEST_RUN.
@@ -134,7 +159,7 @@ impl Datapath {
         Ok(Self {
             maps,
             ebpf,
-            _pins: pins,
+            pins,
             attached: BTreeMap::new(),
         })
     }
@@ -213,7 +238,17 @@ impl Datapath {
             }
             MapOp::PutClusterIp(ip) => m.cluster_ips.insert(u32::from_ne_bytes(ip.octets()), 1, 0),
             MapOp::DeleteClusterIp(ip) => m.cluster_ips.remove(&u32::from_ne_bytes(ip.octets())),
-            MapOp::DeleteRevNat(id) => m.rev_nat.remove(&id),
+            MapOp::DeleteRevNat(id) => m.rev_nat.remove(&id).and_then(|()| {
+                // The frontend's counters go with it: its first packet created them, if any.
+                match m.counters.remove(&id) {
+                    Err(MapError::SyscallError(e))
+                        if e.io_error.raw_os_error() == Some(nix::errno::Errno::ENOENT as i32) =>
+                    {
+                        Ok(())
+                    }
+                    other => other,
+                }
+            }),
             MapOp::DeleteBackend(id) => m.backends.remove(&id),
         }
         .with_context(|| format!("{op}"))
@@ -222,6 +257,14 @@ impl Datapath {
     /// What the Service maps hold.
     pub fn read(&self) -> anyhow::Result<MapState> {
         self.maps.read()
+    }
+
+    /// A reader of the per-frontend counters.
+    pub fn service_counters(&self) -> anyhow::Result<ServiceCounterReader> {
+        let path = self.pins.dir.join(SERVICE_COUNTERS_MAP);
+        let data =
+            MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+        Ok(ServiceCounterReader(Map::from_map_data(data)?.try_into()?))
     }
 
     /// Runs the program at `hook` once over `frame` (an Ethernet frame) carrying skb `mark`,
@@ -319,6 +362,7 @@ impl ServiceMaps {
             rev_nat: map(REV_NAT_MAP)?.try_into()?,
             source_ranges: map(SOURCE_RANGES_MAP)?.try_into()?,
             cluster_ips: map(CLUSTER_IPS_MAP)?.try_into()?,
+            counters: map(SERVICE_COUNTERS_MAP)?.try_into()?,
         })
     }
 

@@ -1,5 +1,5 @@
 //! The agent's HTTP health answers, shaped like kube-proxy's: `GET /healthz` (200 once the
-//! first full sync is in the maps, 503 before) and the per-Service healthCheckNodePort servers
+//! first full sync is in the maps, 503 before), `GET /livez` (200 while the process runs) and the per-Service healthCheckNodePort servers
 //! of externalTrafficPolicy Local (200 while the node has local endpoints, 503 otherwise).
 //! `GET /pods` answers the pods the kubelet runs, with their status (`node-agent pods`).
 use std::{
@@ -63,8 +63,8 @@ impl Health {
     }
 }
 
-/// Binds `addr` now, so a taken port fails the start, and serves `/healthz` and `/pods` in the
-/// background.
+/// Binds `addr` now, so a taken port fails the start, and serves `/healthz`, `/livez` and
+/// `/pods` in the background.
 pub async fn serve(addr: SocketAddr, health: Health) -> anyhow::Result<()> {
     spawn(addr, router(health)).await.map(drop)
 }
@@ -75,6 +75,8 @@ fn router(health: Health) -> Router {
             "/healthz",
             get(|State(h): State<Health>| async move { h.status() }),
         )
+        // Liveness: answering is all it takes, before the first sync too.
+        .route("/livez", get(|| async { "ok" }))
         .route(
             "/pods",
             get(|State(h): State<Health>| async move { h.pods() }),
@@ -170,6 +172,27 @@ mod tests {
             "status": {"phase": "Running", "podIP": "10.88.0.2"},
         }))
         .unwrap()
+    }
+
+    /// `/livez` answers while the process runs; `/healthz` only once the maps are synced.
+    #[tokio::test]
+    async fn livez_answers_before_the_first_sync_healthz_after() {
+        use tower::ServiceExt as _;
+        let health = Health::default();
+        let status = |path: &'static str| {
+            let app = router(health.clone());
+            async move {
+                let request = axum::http::Request::get(path)
+                    .body(axum::body::Body::empty())
+                    .unwrap();
+                app.oneshot(request).await.unwrap().status()
+            }
+        };
+        assert_eq!(status("/livez").await, StatusCode::OK);
+        assert_eq!(status("/healthz").await, StatusCode::SERVICE_UNAVAILABLE);
+        health.synced();
+        assert_eq!(status("/livez").await, StatusCode::OK);
+        assert_eq!(status("/healthz").await, StatusCode::OK);
     }
 
     /// `node-agent pods` reads what the kubelet set, sorted by namespace and name.

@@ -13,6 +13,7 @@ pub mod kubelet;
 pub mod lb;
 pub mod links;
 pub mod memory;
+pub mod metrics;
 pub mod model;
 pub mod pods;
 pub mod proxy;

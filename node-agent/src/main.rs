@@ -58,9 +58,12 @@ struct RunArgs {
     /// on their own).
     #[arg(long, value_delimiter = ',')]
     devices: Vec<String>,
-    /// Address of the /healthz server.
+    /// Address of the /healthz and /livez server.
     #[arg(long, default_value = "127.0.0.1:10256")]
     health_bind: SocketAddr,
+    /// Address of the Prometheus /metrics server.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_bind: SocketAddr,
     #[command(flatten)]
     bpffs: Bpffs,
     #[command(flatten)]
@@ -77,6 +80,7 @@ impl RunArgs {
             manifests: self.manifests.unwrap_or_default(),
             devices: self.devices,
             health_bind: self.health_bind,
+            metrics_bind: self.metrics_bind,
             bpffs: self.bpffs.dir,
             node: self.node.into_config()?,
             kubelet: self.kubelet.into_config(),

@@ -2,9 +2,10 @@
 //!
 //! The map model is Cilium's: a service map keyed by frontend and slot (slot 0 is the master
 //! entry, slots 1..=count name backends), a backend map, a reverse-NAT map and an LRU conntrack
-//! map. Addresses and ports are stored in network byte order exactly as they sit in a packet, so
-//! the datapath compares and copies them without swapping; the constructors and accessors below
-//! are the only place that converts.
+//! map, plus per-CPU packet counters keyed by reverse-NAT id (one per frontend). Addresses and
+//! ports are stored in network byte order exactly as they sit in a packet, so the datapath
+//! compares and copies them without swapping; the constructors and accessors below are the
+//! only place that converts.
 #![no_std]
 
 use core::net::Ipv4Addr;
@@ -22,6 +23,7 @@ pub const CONNTRACK_MAP: &str = "CONNTRACK";
 pub const AFFINITY_MAP: &str = "AFFINITY";
 pub const SOURCE_RANGES_MAP: &str = "SOURCE_RANGES";
 pub const CLUSTER_IPS_MAP: &str = "CLUSTER_IPS";
+pub const SERVICE_COUNTERS_MAP: &str = "SERVICE_COUNTERS";
 /// The `Config` global in node-ebpf's read-only data, set by the agent at load time.
 pub const CONFIG_GLOBAL: &str = "CONFIG";
 
@@ -38,6 +40,9 @@ pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
 pub const AFFINITY_MAX_ENTRIES: u32 = 65_536;
 pub const SOURCE_RANGES_MAX_ENTRIES: u32 = 16_384;
 pub const CLUSTER_IPS_MAX_ENTRIES: u32 = 1_048_576;
+/// One counter per frontend, keyed like REV_NAT. Per CPU (16 bytes per CPU each), created by a
+/// frontend's first packet, so frontends that see no traffic cost nothing.
+pub const SERVICE_COUNTERS_MAX_ENTRIES: u32 = REV_NAT_MAX_ENTRIES;
 /// BPF_F_NO_PREALLOC: hash map elements are allocated on insert, not all at creation.
 pub const MAP_NO_PREALLOC: u32 = 1;
 
@@ -189,6 +194,20 @@ impl RevNat {
     }
 }
 
+/// Value of `SERVICE_COUNTERS` (per CPU), keyed by reverse-NAT id: the packets sent to one
+/// frontend that reached the Service (new and established forward flows, also those rejected or
+/// dropped by its policies) and their bytes as the frames' length. The datapath creates an
+/// entry on the frontend's first packet and only adds to it; the agent removes it with the
+/// frontend's reverse-NAT entry, so a reused id starts from zero. (A packet that found the
+/// frontend just before it went may create it again; a frontend given that id later would
+/// start from its count, but ids are handed out again only after every other one.)
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceCounters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
 /// Key of `CONNTRACK`: a flow's 5-tuple as it appears on the wire, in the direction the entry
 /// matches (client → frontend for a forward entry, backend → client for a reply entry).
 #[repr(C)]
@@ -317,6 +336,7 @@ mod user {
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for RevNat {}
+    unsafe impl aya::Pod for ServiceCounters {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for AffinityKey {}
@@ -351,6 +371,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<ServiceValue>(), 16);
         assert_eq!(core::mem::size_of::<Backend>(), 8);
         assert_eq!(core::mem::size_of::<RevNat>(), 8);
+        assert_eq!(core::mem::size_of::<ServiceCounters>(), 16);
         assert_eq!(core::mem::size_of::<CtKey>(), 16);
         assert_eq!(core::mem::size_of::<CtValue>(), 16);
         assert_eq!(core::mem::size_of::<AffinityKey>(), 8);

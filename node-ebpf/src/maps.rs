@@ -1,15 +1,15 @@
 //! The datapath's maps and configuration. Names and layouts are the ABI in node-common; the
 //! agent writes SERVICES, BACKENDS, REV_NAT and SOURCE_RANGES, the datapath alone writes
-//! CONNTRACK and AFFINITY. All maps are pinned by name under the agent's bpffs directory.
+//! CONNTRACK and AFFINITY, and adds to SERVICE_COUNTERS, which the agent reads and deletes from. All maps are pinned by name under the agent's bpffs directory.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuHashMap},
 };
 use node_common::{
     AFFINITY_MAX_ENTRIES, AffinityKey, AffinityValue, BACKENDS_MAX_ENTRIES, Backend,
     CLUSTER_IPS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, Cidr, Config, CtKey, CtValue, MAP_NO_PREALLOC,
-    REV_NAT_MAX_ENTRIES, RevNat, SERVICES_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES, ServiceKey,
-    ServiceValue, SourceRange,
+    REV_NAT_MAX_ENTRIES, RevNat, SERVICE_COUNTERS_MAX_ENTRIES, SERVICES_MAX_ENTRIES,
+    SOURCE_RANGES_MAX_ENTRIES, ServiceCounters, ServiceKey, ServiceValue, SourceRange,
 };
 
 #[map]
@@ -34,6 +34,11 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
 #[map]
 pub static CLUSTER_IPS: HashMap<u32, u8> =
     HashMap::pinned(CLUSTER_IPS_MAX_ENTRIES, MAP_NO_PREALLOC);
+
+/// Packets and bytes per frontend (reverse-NAT id), per CPU: adding needs no atomics.
+#[map]
+pub static SERVICE_COUNTERS: PerCpuHashMap<u32, ServiceCounters> =
+    PerCpuHashMap::pinned(SERVICE_COUNTERS_MAX_ENTRIES, MAP_NO_PREALLOC);
 
 #[map]
 pub static SOURCE_RANGES: LpmTrie<SourceRange, u8> = LpmTrie::pinned(SOURCE_RANGES_MAX_ENTRIES, 0);

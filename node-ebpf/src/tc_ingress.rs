@@ -13,12 +13,13 @@ use aya_ebpf::{
 use node_common::{
     CT_REPLY, CT_SNAT, Config, CtKey, CtValue, MARK_MASQUERADE, MARK_REV_NAT, SCOPE_EXTERNAL,
     SCOPE_INTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN, SOURCE_RANGE_FRONTEND_BITS, SVC_DROP_WHEN_EMPTY,
-    SVC_ETP_LOCAL, SVC_EXTERNAL, SVC_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRange,
+    SVC_ETP_LOCAL, SVC_EXTERNAL, SVC_SOURCE_RANGES, ServiceCounters, ServiceKey, ServiceValue,
+    SourceRange,
 };
 
 use crate::{
     lb,
-    maps::{BACKENDS, CLUSTER_IPS, CONNTRACK, SERVICES, SOURCE_RANGES, config},
+    maps::{BACKENDS, CLUSTER_IPS, CONNTRACK, SERVICE_COUNTERS, SERVICES, SOURCE_RANGES, config},
     nat::{Side, rewrite},
     packet::{Flow, parse_flow},
     reject::reject,
@@ -65,6 +66,7 @@ fn try_tc_ingress(ctx: &TcContext) -> Result<i32, c_long> {
         }
         return Ok(if in_range { TC_ACT_SHOT } else { TC_ACT_OK });
     };
+    count(master.rev_nat_id, ctx.len());
     if let Some(ct) = ct
         && let Some(backend) = unsafe { BACKENDS.get(ct.backend_id) }
     {
@@ -150,6 +152,36 @@ fn new_flow(
     CONNTRACK.insert(t, forward, 0)?;
     rewrite(ctx, flow, Side::Destination, backend.address, backend.port)?;
     Ok(TC_ACT_OK)
+}
+
+/// Counts a packet to the frontend `rev_nat_id` on this CPU. Its first packet creates the
+/// entry; when another CPU creates it first, this packet is added to that one.
+#[inline(always)]
+fn count(rev_nat_id: u32, bytes: u32) {
+    let add = || match SERVICE_COUNTERS.get_ptr_mut(rev_nat_id) {
+        Some(counters) => {
+            // SAFETY: the pointer is this CPU's value of a live entry; no other CPU writes it.
+            unsafe {
+                (*counters).packets += 1;
+                (*counters).bytes += u64::from(bytes);
+            }
+            true
+        }
+        None => false,
+    };
+    if add() {
+        return;
+    }
+    let first = ServiceCounters {
+        packets: 1,
+        bytes: u64::from(bytes),
+    };
+    if SERVICE_COUNTERS
+        .insert(rev_nat_id, first, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        add();
+    }
 }
 
 /// kube-proxy's masquerade rules: traffic to NodePort/LoadBalancer/ExternalIP frontends is

@@ -151,6 +151,16 @@ pub struct HealthCheck {
     pub local_endpoints: usize,
 }
 
+/// A frontend a Service holds, with its reverse-NAT id and the Service port it serves
+/// (`spec.ports[].port`: the NodePort frontends of port 80 serve port 80).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeldFrontend<'a> {
+    pub rev_nat_id: u32,
+    pub service: &'a ObjectName,
+    pub port: u16,
+    pub frontend: Frontend,
+}
+
 /// A valid Service: its ports and what applies to all of them.
 #[derive(Debug, PartialEq)]
 struct ServiceSpecV {
@@ -229,8 +239,8 @@ type ServiceInput = Result<Option<Box<ServiceSpecV>>, String>;
 enum Entry {
     /// A frontend it asks for, whether it holds it or another Service does.
     Claim(Frontend),
-    /// A frontend whose reverse-NAT id it holds.
-    Held(Frontend),
+    /// A frontend whose reverse-NAT id it holds, and the Service port it serves.
+    Held(Frontend, u16),
     Service(ServiceKey, ServiceValue),
     RevNat(u32, RevNat),
     SourceRange(u32, Ipv4Cidr),
@@ -253,7 +263,7 @@ impl Entry {
             Entry::SourceRange(id, cidr) => Some(MapOp::PutSourceRange(id, cidr)),
             Entry::Backend(id, backend) => Some(MapOp::PutBackend(id, backend)),
             Entry::ClusterIp(ip) => Some(MapOp::PutClusterIp(ip)),
-            Entry::Claim(_) | Entry::Held(_) | Entry::HealthCheck(_) => None,
+            Entry::Claim(_) | Entry::Held(..) | Entry::HealthCheck(_) => None,
         }
     }
 }
@@ -334,7 +344,7 @@ impl Shared {
                         self.touched.insert(next.clone());
                     }
                 }
-                Entry::Held(frontend) => self.rev_nat.release(frontend),
+                Entry::Held(frontend, _) => self.rev_nat.release(frontend),
                 Entry::Backend(_, backend) => self.backends.release(backend),
                 Entry::ClusterIp(ip) => self.cluster_ips.release(ip),
                 Entry::Service(..)
@@ -506,6 +516,21 @@ impl Compiler {
         state
     }
 
+    /// Every frontend a Service holds, by Service name.
+    pub fn frontends(&self) -> impl Iterator<Item = HeldFrontend<'_>> {
+        self.outputs.iter().flat_map(move |(service, output)| {
+            output.0.iter().filter_map(move |entry| match *entry {
+                Entry::Held(frontend, port) => Some(HeldFrontend {
+                    rev_nat_id: self.shared.rev_nat.held(&frontend)?,
+                    service,
+                    port,
+                    frontend,
+                }),
+                _ => None,
+            })
+        })
+    }
+
     /// The healthCheckNodePort servers the Services ask for, by port (the last Service by name
     /// when several ask for one).
     pub fn health_checks(&self) -> BTreeMap<u16, HealthCheck> {
@@ -630,7 +655,8 @@ impl Emitter<'_> {
                 proto: port.proto,
             };
             self.any_endpoints = !all.is_empty();
-            self.frontend(at(spec.cluster_ip, port.port), 0, internal, None, &[]);
+            let cluster_ip = at(spec.cluster_ip, port.port);
+            self.frontend(cluster_ip, port.port, 0, internal, None, &[]);
             // NodePort, LoadBalancer and ExternalIP frontends; only LoadBalancer IPs check
             // source ranges.
             let no_ranges: &[Ipv4Cidr] = &[];
@@ -651,21 +677,22 @@ impl Emitter<'_> {
             for (fe, ranges) in external.collect::<Vec<_>>() {
                 if spec.etp_local {
                     let flags = SVC_EXTERNAL | SVC_ETP_LOCAL;
-                    self.frontend(fe, flags, &local, Some(internal), ranges);
+                    self.frontend(fe, port.port, flags, &local, Some(internal), ranges);
                 } else {
-                    self.frontend(fe, SVC_EXTERNAL, &all, None, ranges);
+                    self.frontend(fe, port.port, SVC_EXTERNAL, &all, None, ranges);
                 }
             }
         }
         local_ready.len()
     }
 
-    /// One frontend: its master and slots in scope EXTERNAL (and, given `internal`, the
-    /// backends sources inside the cluster use, in scope INTERNAL), its reverse-NAT entry and
-    /// its source ranges.
+    /// One frontend of `service_port`: its master and slots in scope EXTERNAL (and, given
+    /// `internal`, the backends sources inside the cluster use, in scope INTERNAL), its
+    /// reverse-NAT entry and its source ranges.
     fn frontend(
         &mut self,
         frontend: Frontend,
+        service_port: u16,
         flags: u16,
         backends: &BTreeSet<Backend>,
         internal: Option<&BTreeSet<Backend>>,
@@ -689,7 +716,7 @@ impl Emitter<'_> {
             self.shared.rev_nat.starved.insert(self.name.clone());
             return;
         };
-        self.entries.push(Entry::Held(frontend));
+        self.entries.push(Entry::Held(frontend, service_port));
         let rev_nat = RevNat::new(frontend.ip, frontend.port);
         self.entries.push(Entry::RevNat(rev_nat_id, rev_nat));
         let mut flags = flags;
@@ -1554,6 +1581,58 @@ mod tests {
             out.state.rev_nat.len(),
             2,
             "each frontend has its own reverse-NAT entry"
+        );
+    }
+
+    /// What metrics label a frontend's counters with: the Service holding it and the Service
+    /// port it serves, never the Service that only asked for it.
+    #[test]
+    fn frontends_name_the_service_port_they_serve() {
+        let ports = json!([
+            {"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080},
+            {"name": "dns", "port": 53, "protocol": "UDP"},
+        ]);
+        let a = service_with(
+            "a",
+            "10.96.0.10",
+            &[],
+            json!({"type": "NodePort", "ports": ports}),
+            json!(null),
+        );
+        // b asks for a's ClusterIP:80 as an ExternalIP: a keeps it.
+        let b = service_with(
+            "b",
+            "10.96.0.11",
+            &[("", 80, "TCP")],
+            json!({"externalIPs": ["10.96.0.10"]}),
+            json!(null),
+        );
+        let mut compiler = Compiler::new(node());
+        compiler.stage(cluster(vec![a, b], vec![]));
+        compiler.commit();
+        let state = compiler.state();
+        let mut got = Vec::new();
+        for held in compiler.frontends() {
+            assert_eq!(
+                state.rev_nat.get(&held.rev_nat_id),
+                Some(&RevNat::new(held.frontend.ip, held.frontend.port)),
+                "{}: the id is the frontend's reverse-NAT entry",
+                held.frontend
+            );
+            got.push(format!(
+                "{} {} {}",
+                held.service.name, held.port, held.frontend
+            ));
+        }
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                "a 53 10.96.0.10:53/UDP",
+                "a 80 10.96.0.10:80/TCP",
+                "a 80 192.0.2.1:30080/TCP",
+                "b 80 10.96.0.11:80/TCP",
+            ]
         );
     }
 

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use compile::{Compiler, HealthCheck, Update};
+pub use compile::{Compiler, HealthCheck, HeldFrontend, Update};
 pub use diff::{diff, diff_each};
 pub use state::{Frontend, MapOp, MapState, proto_name};
 
@@ -29,6 +29,10 @@ pub struct SyncReport {
     /// Compiling the changes and finding the writes, and writing them.
     pub compiled: Duration,
     pub written: Duration,
+    /// Service and EndpointSlice changes staged for it (applied or deleted objects, each
+    /// counted, even when unchanged), as kube-proxy counts them.
+    pub service_changes: u64,
+    pub endpoint_changes: u64,
 }
 
 /// Compiles changes and writes only the difference they make.
@@ -36,6 +40,8 @@ pub struct Proxy {
     compiler: Compiler,
     /// A write failed: the next sync diffs what the maps hold against the whole cluster.
     resync: bool,
+    /// Changes staged since the last sync that succeeded: (Services, EndpointSlices).
+    staged: (u64, u64),
 }
 
 impl Proxy {
@@ -43,12 +49,20 @@ impl Proxy {
         Self {
             compiler: Compiler::new(node),
             resync: false,
+            staged: (0, 0),
         }
     }
 
     /// Takes in changes for the next sync (see `Compiler::stage`).
     pub fn stage(&mut self, changes: Changes) {
+        self.staged.0 += changes.services.len() as u64;
+        self.staged.1 += changes.endpoint_slices.len() as u64;
         self.compiler.stage(changes);
+    }
+
+    /// Every frontend a Service holds (see `Compiler::frontends`).
+    pub fn frontends(&self) -> impl Iterator<Item = HeldFrontend<'_>> {
+        self.compiler.frontends()
     }
 
     /// Compiles what was staged and writes the difference.
@@ -77,7 +91,10 @@ impl Proxy {
         });
         failed?;
         self.resync = false;
+        let (service_changes, endpoint_changes) = std::mem::take(&mut self.staged);
         Ok(SyncReport {
+            service_changes,
+            endpoint_changes,
             writes,
             errors,
             health_checks: self.compiler.health_checks(),
