@@ -210,6 +210,7 @@ mod tests {
             manifests: "/m".into(),
             devices: vec![],
             health_bind: "127.0.0.1:10256".parse().unwrap(),
+            metrics_bind: "127.0.0.1:10249".parse().unwrap(),
             bpffs: "/sys/fs/bpf/node-agent".into(),
             node: NodeConfig {
                 name: "host".into(),
