@@ -5,7 +5,7 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
-use node_agent::{agent, datapath, lb, model::Ipv4Cidr, pods};
+use node_agent::{agent, datapath, lb, model::Ipv4Cidr, pods, source::api::ApiConfig};
 use tracing_subscriber::EnvFilter;
 
 #[global_allocator]
@@ -24,12 +24,16 @@ struct Cli {
 #[allow(clippy::large_enum_variant)]
 enum Command {
     /// Run the node from a manifest directory until SIGTERM: its pods through the container
-    /// runtime, its Services in the datapath.
+    /// runtime, its Services in the datapath. Or, from the Kubernetes API (--kubeconfig, or
+    /// in-cluster when neither is given in a pod), a Service proxy (--kubelet=false).
     Run {
         /// Directory of Service, EndpointSlice, Pod, ConfigMap and Secret manifests
         /// (*.yaml, *.yml, *.json).
+        #[arg(long, conflicts_with = "kubeconfig")]
+        manifests: Option<PathBuf>,
+        /// Follow the Kubernetes API server this kubeconfig names (its current context).
         #[arg(long)]
-        manifests: PathBuf,
+        kubeconfig: Option<PathBuf>,
         /// Node devices to attach the datapath to, comma-separated (pod interfaces are found
         /// on their own).
         #[arg(long, value_delimiter = ',')]
@@ -159,14 +163,26 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run {
             manifests,
+            kubeconfig,
             devices,
             health_bind,
             bpffs,
             node,
             kubelet,
         } => {
+            let source = match (manifests, kubeconfig) {
+                (Some(dir), _) => agent::Source::Manifests(dir),
+                (None, Some(path)) => agent::Source::Api(ApiConfig::Kubeconfig(path)),
+                (None, None) if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => {
+                    agent::Source::Api(ApiConfig::InCluster)
+                }
+                (None, None) => anyhow::bail!(
+                    "nothing to follow: give --manifests DIR or --kubeconfig FILE (in a pod, \
+                     the in-cluster config is used)"
+                ),
+            };
             let config = agent::RunConfig {
-                manifests,
+                source,
                 devices,
                 health_bind,
                 bpffs: bpffs.dir,
