@@ -161,9 +161,16 @@ impl<K: Watched> Follow<K> {
         let mut listed = false;
         match event {
             Err(e) => {
+                // With its causes: "client error (Connect)" alone does not say what failed.
+                let mut error = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(cause) = source {
+                    error = format!("{error}: {cause}");
+                    source = cause.source();
+                }
                 return Some(Update::Failed {
                     kind: <K as k8s_openapi::Resource>::KIND,
-                    error: e.to_string(),
+                    error,
                 });
             }
             Ok(watcher::Event::Init) => {
@@ -488,7 +495,10 @@ mod tests {
             ));
         request(&mut server, path, &["watch=true", "resourceVersion=40"])
             .await
-            .send_error(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+            .send_error(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "connection reset by peer",
+            ));
         let mut errors = Vec::new();
         for _ in 0..2 {
             match received.recv().await.expect("an update") {
@@ -505,6 +515,7 @@ mod tests {
             "{errors:?}"
         );
         assert!(errors[1].contains("failed to start watching"), "{errors:?}");
+        assert!(errors[1].contains("connection reset by peer"), "{errors:?}");
 
         request(&mut server, path, &["watch=true", "resourceVersion=40"])
             .await
