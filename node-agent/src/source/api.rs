@@ -542,6 +542,83 @@ mod tests {
         );
     }
 
+    /// Watcher events in, changes out: (events, for each the Service names applied (+) or
+    /// deleted (-) and whether they complete a list; None while a list is in progress).
+    #[test]
+    fn follow_turns_watcher_events_into_changes() {
+        use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
+        let svc = |name: &str| -> Service {
+            serde_json::from_value(service("default", name, "1", "10.96.0.1")).unwrap()
+        };
+        type Step = (watcher::Event<Service>, Option<(&'static str, bool)>);
+        let cases: Vec<(&str, Vec<Step>)> = vec![
+            (
+                "a list is reported whole at its end",
+                vec![
+                    (Init, None),
+                    (InitApply(svc("a")), None),
+                    (InitApply(svc("b")), None),
+                    (InitDone, Some(("+a +b", true))),
+                ],
+            ),
+            (
+                "an empty first list is still a complete list",
+                vec![(Init, None), (InitDone, Some(("", true)))],
+            ),
+            (
+                "watched changes are reported one by one",
+                vec![
+                    (Apply(svc("a")), Some(("+a", false))),
+                    (Apply(svc("a")), Some(("+a", false))),
+                    (Delete(svc("a")), Some(("-a", false))),
+                ],
+            ),
+            (
+                "a relist deletes what was known and is no longer listed",
+                vec![
+                    (Init, None),
+                    (InitApply(svc("a")), None),
+                    (InitApply(svc("b")), None),
+                    (InitDone, Some(("+a +b", true))),
+                    (Apply(svc("c")), Some(("+c", false))),
+                    (Delete(svc("a")), Some(("-a", false))),
+                    (Init, None),
+                    (InitApply(svc("b")), None),
+                    (InitApply(svc("d")), None),
+                    (InitDone, Some(("+b -c +d", true))),
+                    (Init, None),
+                    (InitDone, Some(("-b -d", true))),
+                ],
+            ),
+            (
+                "a delete of an object never seen is passed on",
+                vec![(Delete(svc("x")), Some(("-x", false)))],
+            ),
+        ];
+        for (case, steps) in cases {
+            let mut follow = Follow::<Service>::default();
+            for (i, (event, expected)) in steps.into_iter().enumerate() {
+                let got = follow.event(Ok(event)).map(|update| match update {
+                    Update::Changes {
+                        kind: "Service",
+                        changes,
+                        listed,
+                    } => {
+                        let names: Vec<String> = (changes.services.iter())
+                            .map(|(n, s)| {
+                                format!("{}{}", if s.is_some() { "+" } else { "-" }, n.name)
+                            })
+                            .collect();
+                        (names.join(" "), listed)
+                    }
+                    other => panic!("{case}: {other:?}"),
+                });
+                let expected = expected.map(|(names, listed)| (names.to_string(), listed));
+                assert_eq!(got, expected, "{case}, step {i}");
+            }
+        }
+    }
+
     #[tokio::test]
     async fn a_missing_or_garbage_kubeconfig_is_an_error_naming_the_file() {
         let dir = tempfile::tempdir().unwrap();
