@@ -90,7 +90,7 @@ pub enum Update {
     Reached,
 }
 
-/// The kinds the proxy follows, and where their changes go.
+/// A kind the API source follows, and where its changes go.
 pub trait Watched:
     Resource<DynamicType = (), Scope = NamespaceResourceScope>
     + k8s_openapi::Resource
