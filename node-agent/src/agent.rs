@@ -1,6 +1,6 @@
 //! `node-agent run`: the node fed from a manifest directory until SIGTERM: the datapath from
 //! its Services and EndpointSlices, the kubelet from its Pods, and the built-in endpoints
-//! controller between them.
+//! controller between them. Or a Service proxy fed from the Kubernetes API.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddr},
@@ -26,11 +26,23 @@ use crate::{
     metrics::{self, Metrics},
     model::{Changes, Ipv4Cidr, Node, ObjectName},
     proxy::Proxy,
-    source::manifest::{self, ManifestDir, Watched},
+    source::{
+        api::{self, ApiConfig, Update},
+        manifest::{self, ManifestDir, Watched},
+    },
 };
 
+/// Where the node learns the cluster from.
+pub enum Source {
+    /// A manifest directory (standalone).
+    Manifests(PathBuf),
+    /// The Kubernetes API: Services and EndpointSlices only for now (the kubelet is not fed
+    /// from it yet).
+    Api(ApiConfig),
+}
+
 pub struct RunConfig {
-    pub manifests: PathBuf,
+    pub source: Source,
     pub devices: Vec<String>,
     pub health_bind: SocketAddr,
     pub metrics_bind: SocketAddr,
@@ -120,6 +132,10 @@ fn device_addresses(devices: &[String]) -> anyhow::Result<Vec<Ipv4Addr>> {
 }
 
 pub async fn run(mut config: RunConfig) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        matches!(config.source, Source::Manifests(_)) || config.kubelet.is_none(),
+        "the kubelet is not fed from the Kubernetes API yet: run with --kubelet=false"
+    );
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut ips = device_addresses(&config.devices)?;
@@ -174,10 +190,7 @@ pub async fn run(mut config: RunConfig) -> anyhow::Result<()> {
         links::watch(move || link_changed.send(()).is_ok())?;
     }
 
-    let (changed, mut changes) = mpsc::unbounded_channel();
-    let _watcher = manifest::watch(&config.manifests, changed)?;
     let mut state = NodeState {
-        manifests: ManifestDir::new(&config.manifests),
         endpoints: Endpoints::new(node.name.clone()),
         proxy: Proxy::new(node),
         datapath,
@@ -188,14 +201,20 @@ pub async fn run(mut config: RunConfig) -> anyhow::Result<()> {
         health: health.clone(),
         metrics,
     };
+    let dir = match config.source {
+        Source::Manifests(dir) => dir,
+        Source::Api(api) => {
+            return follow_api(&api, state, &mut scrapes, &mut sigterm, &mut sigint).await;
+        }
+    };
+    let (changed, mut changes) = mpsc::unbounded_channel();
+    let _watcher = manifest::watch(&dir, changed)?;
+    let mut manifests = ManifestDir::new(&dir);
     // The first load hands each file's objects on as soon as it is parsed.
     let (start, mut files) = (Instant::now(), 0);
     let mut first = PodChanges::default();
     let NodeState {
-        manifests,
-        endpoints,
-        proxy,
-        ..
+        endpoints, proxy, ..
     } = &mut state;
     manifests.load_each(&mut |loaded| {
         files += loaded.parsed;
@@ -230,7 +249,7 @@ pub async fn run(mut config: RunConfig) -> anyhow::Result<()> {
                 let queued: Vec<Watched> = std::iter::once(first)
                     .chain(std::iter::from_fn(|| changes.try_recv().ok()))
                     .collect();
-                match state.apply(queued, seen).await {
+                match state.apply(&mut manifests, queued, seen).await {
                     Ok(()) => health.synced(),
                     Err(e) => error!("sync failed: {e:#}"),
                 }
@@ -260,6 +279,66 @@ pub async fn run(mut config: RunConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Follows the API server: each kind's changes are staged as they come and synced once every
+/// kind has been listed, then after each batch. While the API server is unreachable nothing
+/// changes: the datapath keeps the last state and `/healthz` reports how stale it is.
+async fn follow_api(
+    config: &ApiConfig,
+    mut state: NodeState,
+    scrapes: &mut mpsc::Receiver<metrics::Scrape>,
+    sigterm: &mut tokio::signal::unix::Signal,
+    sigint: &mut tokio::signal::unix::Signal,
+) -> anyhow::Result<()> {
+    let (sender, mut updates) = mpsc::unbounded_channel();
+    let client = api::client(config, sender.clone()).await?;
+    api::watch_proxy(client, sender);
+    let mut listed = BTreeSet::new();
+    let mut synced = false;
+    loop {
+        tokio::select! {
+            Some(first) = updates.recv() => {
+                let seen = Instant::now();
+                let mut staged = false;
+                let queued = std::iter::once(first).chain(std::iter::from_fn(|| updates.try_recv().ok()));
+                for update in queued.collect::<Vec<_>>() {
+                    match update {
+                        Update::Changes { kind, changes, listed: complete } => {
+                            state.health.api_progress();
+                            if complete {
+                                listed.insert(kind);
+                            }
+                            staged |= !changes.is_empty();
+                            stage(&mut state.endpoints, &mut state.proxy, changes);
+                        }
+                        Update::Reached => state.health.api_progress(),
+                        Update::Failed { kind, error } => {
+                            state.health.api_failed();
+                            warn!("watching {kind}s failed (the datapath keeps the last state; retrying): {error}");
+                        }
+                    }
+                }
+                if listed.len() == api::PROXY_KINDS && (staged || !synced) {
+                    // The first sync is not a change being programmed.
+                    match state.sync(0, synced.then_some(seen)).await {
+                        Ok(()) => {
+                            synced = true;
+                            state.health.synced();
+                        }
+                        Err(e) => error!("sync failed: {e:#}"),
+                    }
+                }
+            }
+            Some(reply) = scrapes.recv() => {
+                let _ = reply.send(metrics::service_ports(state.proxy.frontends()));
+            }
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+    info!("stopping");
+    Ok(())
+}
+
 /// Logs what the source refused or skipped.
 fn report(loaded: &manifest::Loaded) {
     for e in &loaded.errors {
@@ -278,10 +357,9 @@ fn stage(endpoints: &mut Endpoints, proxy: &mut Proxy, mut changes: Changes) {
     proxy.stage(changes);
 }
 
-/// What a sync reads and writes: the manifests as last read, what the proxy has applied, the
-/// datapath and the health-check servers.
+/// What a sync reads and writes: what the proxy has applied, the datapath and the
+/// health-check servers.
 struct NodeState {
-    manifests: ManifestDir,
     proxy: Proxy,
     datapath: Datapath,
     health_checks: ServiceHealthServers,
@@ -299,7 +377,12 @@ struct NodeState {
 impl NodeState {
     /// Reads the paths the watcher named (every manifest when it lost track), and writes the
     /// difference they make; the agent saw them at `seen`.
-    async fn apply(&mut self, watched: Vec<Watched>, seen: Instant) -> anyhow::Result<()> {
+    async fn apply(
+        &mut self,
+        manifests: &mut ManifestDir,
+        watched: Vec<Watched>,
+        seen: Instant,
+    ) -> anyhow::Result<()> {
         let mut paths = BTreeSet::new();
         let mut everything = false;
         for w in watched {
@@ -311,9 +394,9 @@ impl NodeState {
             }
         }
         let loaded = if everything {
-            self.manifests.load()?
+            manifests.load()?
         } else {
-            self.manifests.reload(paths)
+            manifests.reload(paths)
         };
         report(&loaded);
         let files = loaded.parsed;

@@ -11,7 +11,11 @@ use std::{
 
 use serde::{Deserialize, Deserializer, de};
 
-use crate::{agent::RunConfig, model::Ipv4Cidr};
+use crate::{
+    agent::{RunConfig, Source},
+    model::Ipv4Cidr,
+    source::api::ApiConfig,
+};
 
 pub const API_VERSION: &str = "node-agent.io/v1alpha1";
 pub const KIND: &str = "NodeAgentConfiguration";
@@ -117,11 +121,9 @@ pub fn effective(
             *field = value;
         }
     }
-    set(
-        &mut flags.manifests,
-        file.static_pod_path,
-        given("manifests"),
-    );
+    if let Source::Manifests(dir) = &mut flags.source {
+        set(dir, file.static_pod_path, given("manifests"));
+    }
     set(&mut flags.devices, file.devices, given("devices"));
     set(
         &mut flags.health_bind,
@@ -164,10 +166,26 @@ pub fn effective(
             given("cgroup_root"),
         );
     }
-    if flags.manifests.as_os_str().is_empty() {
-        return Err("no manifest directory: give --manifests or staticPodPath in --config".into());
-    }
     Ok(flags)
+}
+
+/// With no manifest directory (flag or staticPodPath) and no kubeconfig, a pod follows the
+/// in-cluster API; elsewhere there is nothing to follow.
+pub fn in_cluster_unless_given(run: &mut RunConfig, in_cluster: bool) -> Result<(), String> {
+    match &run.source {
+        Source::Manifests(dir) if dir.as_os_str().is_empty() => {
+            if !in_cluster {
+                return Err(
+                    "nothing to follow: give --manifests DIR (or staticPodPath in \
+                            --config) or --kubeconfig FILE; in a pod, the in-cluster API is used"
+                        .into(),
+                );
+            }
+            run.source = Source::Api(ApiConfig::InCluster);
+            Ok(())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// A string field parsed with the type's `FromStr` (a CIDR).
@@ -207,7 +225,7 @@ mod tests {
     /// The command line's defaults, as `run --manifests /m` gives them.
     fn defaults() -> RunConfig {
         RunConfig {
-            manifests: "/m".into(),
+            source: Source::Manifests("/m".into()),
             devices: vec![],
             health_bind: "127.0.0.1:10256".parse().unwrap(),
             metrics_bind: "127.0.0.1:10249".parse().unwrap(),
@@ -318,7 +336,9 @@ devices: [eth0, eth1]
         let file = || parse(Path::new("c.yaml"), FULL).unwrap();
         // Nothing given: every field from the file.
         let run = effective(defaults(), file(), |_| false).unwrap();
-        assert_eq!(run.manifests, Path::new("/etc/kubernetes/manifests"));
+        assert!(
+            matches!(&run.source, Source::Manifests(d) if d == Path::new("/etc/kubernetes/manifests"))
+        );
         assert_eq!(run.devices, ["eth0", "eth1"]);
         assert_eq!(run.health_bind, "0.0.0.0:10256".parse().unwrap());
         assert_eq!(run.node.name, "node-1");
@@ -334,7 +354,8 @@ devices: [eth0, eth1]
         // Everything given: the command line wins.
         let run = effective(defaults(), file(), |_| true).unwrap();
         let expected = defaults();
-        assert_eq!(run.manifests, expected.manifests);
+        assert!(matches!(&run.source, Source::Manifests(d) if d == Path::new("/m")));
+        assert!(matches!(expected.source, Source::Manifests(_)));
         assert_eq!(run.health_bind, expected.health_bind);
         assert_eq!(run.node.name, "host");
         assert_eq!(run.node.cluster_cidr, None);
@@ -375,10 +396,14 @@ devices: [eth0, eth1]
         assert!(run.kubelet.is_none());
 
         let mut none = defaults();
-        none.manifests = PathBuf::new();
-        let error = effective(none, ConfigFile::default(), |_| false)
-            .err()
-            .unwrap();
-        assert!(error.contains("--manifests or staticPodPath"), "{error}");
+        none.source = Source::Manifests(PathBuf::new());
+        let mut run = effective(none, ConfigFile::default(), |_| false).unwrap();
+        let error = in_cluster_unless_given(&mut run, false).err().unwrap();
+        assert!(
+            error.contains("--manifests DIR (or staticPodPath"),
+            "{error}"
+        );
+        in_cluster_unless_given(&mut run, true).unwrap();
+        assert!(matches!(run.source, Source::Api(ApiConfig::InCluster)));
     }
 }

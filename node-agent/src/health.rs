@@ -1,5 +1,7 @@
 //! The agent's HTTP health answers, shaped like kube-proxy's: `GET /healthz` (200 once the
-//! first full sync is in the maps, 503 before), `GET /livez` (200 while the process runs) and the per-Service healthCheckNodePort servers
+//! first full sync is in the maps, 503 before and while the API source has been failing for
+//! longer than `STALE_AFTER`), `GET /livez` (200 while the process runs) and the per-Service
+//! healthCheckNodePort servers
 //! of externalTrafficPolicy Local (200 while the node has local endpoints, 503 otherwise).
 //! `GET /pods` answers the pods the kubelet runs, with their status (`node-agent pods`).
 use std::{
@@ -23,9 +25,15 @@ use tokio::task::JoinHandle;
 
 use crate::proxy::HealthCheck;
 
+/// How long the API source may fail before `/healthz` says the datapath is stale: kube-proxy's
+/// healthz timeout, twice its default 30 s sync period.
+pub const STALE_AFTER: jiff::SignedDuration = jiff::SignedDuration::from_secs(60);
+
 #[derive(Clone, Default)]
 pub struct Health {
     last_sync: Arc<Mutex<Option<Timestamp>>>,
+    /// The last news from the API source, and since when it has been failing without any.
+    api: Arc<Mutex<(Option<Timestamp>, Option<Timestamp>)>>,
     /// Sorted by namespace, then name.
     pods: Arc<Mutex<Arc<Vec<Pod>>>>,
 }
@@ -33,6 +41,17 @@ pub struct Health {
 impl Health {
     pub fn synced(&self) {
         *self.last_sync.lock().unwrap_or_else(|e| e.into_inner()) = Some(Timestamp::now());
+    }
+
+    /// The API source reported a change or a list: what the datapath has is current.
+    pub fn api_progress(&self) {
+        *self.api.lock().unwrap_or_else(|e| e.into_inner()) = (Some(Timestamp::now()), None);
+    }
+
+    /// The API source failed: the datapath ages from now, unless it was failing already.
+    pub fn api_failed(&self) {
+        let mut api = self.api.lock().unwrap_or_else(|e| e.into_inner());
+        api.1.get_or_insert_with(Timestamp::now);
     }
 
     /// The pods the kubelet reports now, with their status.
@@ -49,15 +68,22 @@ impl Health {
     }
 
     fn status(&self) -> (StatusCode, Json<Value>) {
+        self.status_at(Timestamp::now())
+    }
+
+    fn status_at(&self, now: Timestamp) -> (StatusCode, Json<Value>) {
         let last = *self.last_sync.lock().unwrap_or_else(|e| e.into_inner());
-        let code = if last.is_some() {
+        let (progress, failing) = *self.api.lock().unwrap_or_else(|e| e.into_inner());
+        let stale = failing.is_some_and(|since| now.duration_since(since) > STALE_AFTER);
+        let code = if last.is_some() && !stale {
             StatusCode::OK
         } else {
             StatusCode::SERVICE_UNAVAILABLE
         };
+        let updated = last.max(progress.filter(|_| last.is_some()));
         let body = json!({
-            "lastUpdated": last.map(|t| t.to_string()).unwrap_or_default(),
-            "currentTime": Timestamp::now().to_string(),
+            "lastUpdated": updated.map(|t| t.to_string()).unwrap_or_default(),
+            "currentTime": now.to_string(),
         });
         (code, Json(body))
     }
@@ -193,6 +219,37 @@ mod tests {
         health.synced();
         assert_eq!(status("/livez").await, StatusCode::OK);
         assert_eq!(status("/healthz").await, StatusCode::OK);
+    }
+
+    /// Like kube-proxy: 503 before the first sync, 200 after it, and 503 again once the API
+    /// source has been failing for longer than STALE_AFTER; any news from it makes it current.
+    #[test]
+    fn healthz_reports_an_api_source_failing_too_long_as_stale() {
+        let health = Health::default();
+        let now = Timestamp::now();
+        let code = |at: Timestamp| health.status_at(at).0;
+        assert_eq!(
+            code(now),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "before the first sync"
+        );
+        health.synced();
+        assert_eq!(code(now), StatusCode::OK);
+        health.api_failed();
+        health.api_failed();
+        let later = |s: i64| now + jiff::SignedDuration::from_secs(s);
+        assert_eq!(
+            code(later(59)),
+            StatusCode::OK,
+            "a short outage is tolerated"
+        );
+        assert_eq!(code(later(61)), StatusCode::SERVICE_UNAVAILABLE, "stale");
+        let body = health.status_at(later(61)).1.0;
+        assert_eq!(body["currentTime"], later(61).to_string());
+        let updated: Timestamp = body["lastUpdated"].as_str().unwrap().parse().unwrap();
+        assert!(updated < later(1), "the last sync, not now");
+        health.api_progress();
+        assert_eq!(code(later(61)), StatusCode::OK, "current again");
     }
 
     /// `node-agent pods` reads what the kubelet set, sorted by namespace and name.

@@ -5,7 +5,9 @@ use std::{
 };
 
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand, parser::ValueSource};
-use node_agent::{agent, cleanup, config, datapath, lb, model::Ipv4Cidr, pods};
+use node_agent::{
+    agent, cleanup, config, datapath, lb, model::Ipv4Cidr, pods, source::api::ApiConfig,
+};
 use tracing_subscriber::EnvFilter;
 
 #[global_allocator]
@@ -24,7 +26,8 @@ struct Cli {
 #[allow(clippy::large_enum_variant)]
 enum Command {
     /// Run the node from a manifest directory until SIGTERM: its pods through the container
-    /// runtime, its Services in the datapath.
+    /// runtime, its Services in the datapath. Or, from the Kubernetes API (--kubeconfig, or
+    /// in-cluster when neither is given in a pod), a Service proxy (--kubelet=false).
     Run(RunArgs),
     /// The pods the running agent's kubelet reports, with their status.
     Pods {
@@ -51,9 +54,12 @@ struct RunArgs {
     #[arg(long)]
     config: Option<PathBuf>,
     /// Directory of Service, EndpointSlice, Pod, ConfigMap and Secret manifests
-    /// (*.yaml, *.yml, *.json). Required here or as staticPodPath in --config.
-    #[arg(long)]
+    /// (*.yaml, *.yml, *.json); or staticPodPath in --config.
+    #[arg(long, conflicts_with = "kubeconfig")]
     manifests: Option<PathBuf>,
+    /// Follow the Kubernetes API server this kubeconfig names (its current context).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
     /// Node devices to attach the datapath to, comma-separated (pod interfaces are found
     /// on their own).
     #[arg(long, value_delimiter = ',')]
@@ -76,8 +82,12 @@ impl RunArgs {
     /// The settings `run` uses: these flags over the --config file; `matches` (the `run`
     /// subcommand's) tell which flags were given on the command line.
     fn into_config(self, matches: &clap::ArgMatches) -> anyhow::Result<agent::RunConfig> {
+        let source = match self.kubeconfig {
+            Some(path) => agent::Source::Api(ApiConfig::Kubeconfig(path)),
+            None => agent::Source::Manifests(self.manifests.unwrap_or_default()),
+        };
         let flags = agent::RunConfig {
-            manifests: self.manifests.unwrap_or_default(),
+            source,
             devices: self.devices,
             health_bind: self.health_bind,
             metrics_bind: self.metrics_bind,
@@ -87,7 +97,11 @@ impl RunArgs {
         };
         let file = self.config.as_deref().map(config::load).transpose()?;
         let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
-        config::effective(flags, file.unwrap_or_default(), given).map_err(anyhow::Error::msg)
+        let mut run = config::effective(flags, file.unwrap_or_default(), given)
+            .map_err(anyhow::Error::msg)?;
+        let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+        config::in_cluster_unless_given(&mut run, in_cluster).map_err(anyhow::Error::msg)?;
+        Ok(run)
     }
 }
 
@@ -244,7 +258,10 @@ mod tests {
         let config = args
             .into_config(matches.subcommand_matches("run").unwrap())
             .unwrap();
-        assert_eq!(config.manifests, PathBuf::from("/etc/kubernetes/manifests"));
+        assert!(matches!(
+            &config.source,
+            agent::Source::Manifests(d) if d == &PathBuf::from("/etc/kubernetes/manifests")
+        ));
         assert_eq!(config.node.cluster_cidr, "10.0.0.0/8".parse().ok());
         assert_eq!(config.node.name, "n1");
         assert_eq!(
