@@ -75,9 +75,15 @@ impl Agent {
         devices: &[String],
         extra: &[&str],
     ) -> anyhow::Result<Self> {
-        let mut args = run_args(manifests);
+        let mut args = manifests_args(manifests);
         args.extend(["--devices".into(), devices.join(",").into()]);
         args.extend(extra.iter().map(OsString::from));
+        Self::start_with(binary, node, args)
+    }
+
+    /// `BINARY run ARGS` in `node`, whatever the source (e.g. `--kubeconfig FILE
+    /// --kubelet=false --devices …`), waiting until /healthz answers 200.
+    pub fn start_with(binary: &Path, node: &Netns, args: Vec<OsString>) -> anyhow::Result<Self> {
         Self::launch(binary, Path::new(&node.path()), args)
     }
 
@@ -91,7 +97,7 @@ impl Agent {
         pod_cidr: &str,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
-        let mut args = run_args(manifests);
+        let mut args = manifests_args(manifests);
         args.extend(
             [
                 "--kubelet=true",
@@ -114,10 +120,12 @@ impl Agent {
         Self::launch(binary, Path::new(&containerd.netns().path()), args)
     }
 
-    /// Spawns the agent with `args` plus this fixture's health address and a fresh bpffs
-    /// directory, and waits until it is healthy.
-    fn launch(binary: &Path, netns: &Path, mut args: Vec<OsString>) -> anyhow::Result<Self> {
+    /// Spawns `BINARY run` with `run_args` plus this fixture's health address and a fresh
+    /// bpffs directory, and waits until it is healthy.
+    fn launch(binary: &Path, netns: &Path, run_args: Vec<OsString>) -> anyhow::Result<Self> {
         let bpffs = Path::new("/sys/fs/bpf").join(crate::unique("pins"));
+        let mut args = vec![OsString::from("run")];
+        args.extend(run_args);
         args.extend(["--health-bind".into(), HEALTH_BIND.into(), "--bpffs".into()]);
         args.push(bpffs.clone().into());
         let logs = Arc::new(Mutex::new(Vec::new()));
@@ -335,9 +343,9 @@ pub fn find_pod<'a>(pods: &'a [Pod], name: &str) -> Option<&'a Pod> {
         .find(|p| p.metadata.name.as_deref() == Some(name))
 }
 
-/// `run --manifests DIR`, the start of every agent command line.
-fn run_args(manifests: &Path) -> Vec<OsString> {
-    vec!["run".into(), "--manifests".into(), manifests.into()]
+/// `--manifests DIR`: the source of the agents started from a manifest directory.
+fn manifests_args(manifests: &Path) -> Vec<OsString> {
+    vec!["--manifests".into(), manifests.into()]
 }
 
 /// Spawns `BINARY ARGS` in the namespace at `netns`, its stderr echoed and kept in `logs`.
