@@ -400,6 +400,15 @@ mod tests {
         assert_eq!(pretty_name("NAME=x\n"), None);
     }
 
+    #[test]
+    fn this_machine_reads() {
+        let machine = Machine::read().unwrap();
+        assert!(machine.cpus >= 1, "{machine:?}");
+        assert!(machine.memory_bytes > EVICTION_HARD_MEMORY, "{machine:?}");
+        assert!(!machine.hostname.is_empty(), "{machine:?}");
+        assert!(!machine.kernel_version.is_empty(), "{machine:?}");
+    }
+
     /// (runtime state, Ready status, reason, message contains, containerRuntimeVersion)
     #[test]
     fn the_node_reports_the_machine_and_is_ready_while_the_runtime_answers() {
@@ -520,6 +529,29 @@ mod tests {
         assert_eq!(
             registering.await.unwrap().unwrap().as_deref(),
             Some("10.244.3.0/24")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_forbidden_registration_names_the_node_and_the_reason() {
+        let (client, mut server) = client();
+        let node = worker_node(&Ok("containerd://2.1.4".into()));
+        let registering = tokio::spawn(async move { register(client, &node).await });
+        let message =
+            "nodes is forbidden: User \"system:anonymous\" cannot create resource \"nodes\"";
+        serve(
+            &mut server,
+            Method::POST,
+            "/api/v1/nodes",
+            StatusCode::FORBIDDEN,
+            api_status(StatusCode::FORBIDDEN, "Forbidden", message),
+        )
+        .await;
+        let error = format!("{:#}", registering.await.unwrap().unwrap_err());
+        assert!(error.contains("registering Node worker-1"), "{error}");
+        assert!(
+            error.contains("cannot create resource \"nodes\""),
+            "{error}"
         );
     }
 
