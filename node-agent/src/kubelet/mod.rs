@@ -31,6 +31,7 @@ pub mod actions;
 pub mod backoff;
 pub mod cgroups;
 pub mod cni;
+pub mod node_api;
 pub mod probe;
 pub mod spec;
 pub mod status;
