@@ -150,3 +150,15 @@ fn link(
         &gateway_ip.to_string(),
     ])
 }
+
+/// The EndpointSlice `web-1` of Service `web` (80/TCP "http" and 80/UDP "echo" on `port`),
+/// listing the backends numbered `backends` (1-based).
+pub fn web_slice(backends: &[usize], port: u16) -> String {
+    let ips: Vec<Ipv4Addr> = backends.iter().map(|&i| backend_ip(i)).collect();
+    crate::manifest::endpoint_slice(
+        "web-1",
+        "web",
+        &[("http", port, "TCP"), ("echo", port, "UDP")],
+        &ips,
+    )
+}

@@ -13,8 +13,8 @@ use node_agent_tests::{
     agent::{Agent, binary, run_to_exit},
     backend::BackendServer,
     client::{Connection, tcp_spread, udp_spread},
-    manifest::{endpoint_slice, service, write},
-    topology::{Topology, backend_ip},
+    manifest::{service, write},
+    topology::{Topology, backend_ip, web_slice},
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
@@ -31,17 +31,6 @@ struct Node {
     topology: Topology,
 }
 
-/// Service `web` with 80/TCP ("http") and 80/UDP ("echo"), backed by `backends` (1-based).
-fn web_slice(backends: &[usize]) -> String {
-    let ips: Vec<Ipv4Addr> = backends.iter().map(|&i| backend_ip(i)).collect();
-    endpoint_slice(
-        "web-1",
-        "web",
-        &[("http", BACKEND_PORT, "TCP"), ("echo", BACKEND_PORT, "UDP")],
-        &ips,
-    )
-}
-
 fn start() -> Node {
     let topology = Topology::new(3).unwrap();
     let servers = topology.start_backends(BACKEND_PORT).unwrap();
@@ -52,7 +41,12 @@ fn start() -> Node {
         &service("web", VIP, &[("http", 80, "TCP"), ("echo", 80, "UDP")]),
     )
     .unwrap();
-    write(manifests.path(), "web-slice.yaml", &web_slice(&[1, 2, 3])).unwrap();
+    write(
+        manifests.path(),
+        "web-slice.yaml",
+        &web_slice(&[1, 2, 3], BACKEND_PORT),
+    )
+    .unwrap();
     let agent = Agent::start(
         &binary(),
         &topology.node,
@@ -153,7 +147,12 @@ fn removing_an_endpoint_moves_new_flows_within_a_second_and_keeps_established_on
         .unwrap();
     let removed_before = node.servers[2].tcp_accepted();
 
-    write(node.manifests.path(), "web-slice.yaml", &web_slice(&[1, 2])).unwrap();
+    write(
+        node.manifests.path(),
+        "web-slice.yaml",
+        &web_slice(&[1, 2], BACKEND_PORT),
+    )
+    .unwrap();
     thread::sleep(PROGRAMMING_BOUND);
 
     let tcp = node

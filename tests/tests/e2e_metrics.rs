@@ -10,9 +10,9 @@ use std::{
 use node_agent_tests::{
     agent::{Agent, HEALTH_BIND, binary},
     client::{http_get, tcp_spread, udp_spread},
-    manifest::{endpoint_slice, service, write},
+    manifest::{service, write},
     netns::Netns,
-    topology::{Topology, backend_ip},
+    topology::{Topology, web_slice},
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
@@ -20,16 +20,6 @@ const FRONTEND: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(VIP), 80);
 const BACKEND_PORT: u16 = 8080;
 /// Not the default, so the flag is what puts the server there.
 const METRICS_BIND: &str = "127.0.0.1:19249";
-
-fn web_slice(backends: &[usize]) -> String {
-    let ips: Vec<Ipv4Addr> = backends.iter().map(|&i| backend_ip(i)).collect();
-    endpoint_slice(
-        "web-1",
-        "web",
-        &[("http", BACKEND_PORT, "TCP"), ("echo", BACKEND_PORT, "UDP")],
-        &ips,
-    )
-}
 
 /// `GET path` on `addr` inside the node's namespace, as a scraper on the node would.
 fn get(node: &Netns, addr: &str, path: &'static str) -> (u16, String) {
@@ -71,7 +61,12 @@ fn service_counters_grow_with_the_traffic_sent_and_syncs_are_observed() {
     let manifests = tempfile::tempdir().unwrap();
     let web = service("web", VIP, &[("http", 80, "TCP"), ("echo", 80, "UDP")]);
     write(manifests.path(), "web.yaml", &web).unwrap();
-    write(manifests.path(), "web-slice.yaml", &web_slice(&[1, 2])).unwrap();
+    write(
+        manifests.path(),
+        "web-slice.yaml",
+        &web_slice(&[1, 2], BACKEND_PORT),
+    )
+    .unwrap();
     let mut agent = Agent::start(
         &binary(),
         &topology.node,
@@ -142,7 +137,12 @@ fn service_counters_grow_with_the_traffic_sent_and_syncs_are_observed() {
         |body: &str| sample(body, "kubeproxy_network_programming_duration_seconds_count");
     let endpoint_changes =
         |body: &str| sample(body, "kubeproxy_sync_proxy_rules_endpoint_changes_total");
-    write(manifests.path(), "web-slice.yaml", &web_slice(&[1])).unwrap();
+    write(
+        manifests.path(),
+        "web-slice.yaml",
+        &web_slice(&[1], BACKEND_PORT),
+    )
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     let changed = loop {
         let body = scrape(&topology.node);
