@@ -15,6 +15,15 @@ pub struct ObjectName {
     pub name: Arc<str>,
 }
 
+impl ObjectName {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
 impl fmt::Display for ObjectName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)
@@ -142,10 +151,7 @@ mod tests {
     use super::*;
 
     fn name(name: &str) -> ObjectName {
-        ObjectName {
-            namespace: "default".into(),
-            name: name.into(),
-        }
+        ObjectName::new("default", name)
     }
 
     #[test]

@@ -337,6 +337,15 @@ impl Drop for Agent {
     }
 }
 
+/// Whether `pod`'s Ready condition is True.
+pub fn is_ready(pod: &Pod) -> bool {
+    let conditions = pod.status.as_ref().and_then(|s| s.conditions.as_ref());
+    conditions
+        .into_iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "True")
+}
+
 /// Pod `name` of `pods`, in any namespace.
 pub fn find_pod<'a>(pods: &'a [Pod], name: &str) -> Option<&'a Pod> {
     pods.iter()

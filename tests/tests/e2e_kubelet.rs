@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::{
 };
 use node_agent::cri::Cri;
 use node_agent_tests::{
-    agent::{Agent, binary, find_pod},
+    agent::{Agent, binary, find_pod, is_ready},
     client::{WGET_STOP, tally_lines, wget_loop},
     containerd::{Containerd, cgroup_dirs, netns_inode},
     manifest::{
@@ -173,14 +173,6 @@ fn exec_in(
 
 fn label<'a>(labels: &'a std::collections::HashMap<String, String>, key: &str) -> Option<&'a str> {
     labels.get(key).map(String::as_str)
-}
-
-fn is_ready(pod: &Pod) -> bool {
-    let conditions = pod.status.as_ref().and_then(|s| s.conditions.as_ref());
-    conditions
-        .into_iter()
-        .flatten()
-        .any(|c| c.type_ == "Ready" && c.status == "True")
 }
 
 fn phase(pod: &Pod) -> &str {

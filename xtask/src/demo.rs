@@ -18,7 +18,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use node_agent_tests::{
-    agent::{Agent, find_pod},
+    agent::{Agent, find_pod, is_ready},
     client::{tally_lines, tcp_spread, udp_spread, wget_loop},
     containerd::Containerd,
     manifest::endpoint_slice,
@@ -203,14 +203,6 @@ fn wait_lb(agent: &Agent, what: &str, done: impl Fn(&str) -> bool) -> anyhow::Re
         }
         thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn is_ready(pod: &Pod) -> bool {
-    let conditions = pod.status.as_ref().and_then(|s| s.conditions.as_ref());
-    conditions
-        .into_iter()
-        .flatten()
-        .any(|c| c.type_ == "Ready" && c.status == "True")
 }
 
 fn container_status<'a>(pod: &'a Pod, container: &str) -> Option<&'a ContainerStatus> {

@@ -361,15 +361,12 @@ impl Manager {
                 continue;
             };
             now.entry(uid.clone()).or_default().push((id, state));
-            names.entry(uid.clone()).or_insert_with(|| ObjectName {
-                namespace: labels
-                    .get(spec::LABEL_POD_NAMESPACE)
-                    .map_or("", String::as_str)
-                    .into(),
-                name: labels
-                    .get(spec::LABEL_POD_NAME)
-                    .map_or("", String::as_str)
-                    .into(),
+            let label = |key| labels.get(key).map_or("", String::as_str);
+            names.entry(uid.clone()).or_insert_with(|| {
+                ObjectName::new(
+                    label(spec::LABEL_POD_NAMESPACE),
+                    label(spec::LABEL_POD_NAME),
+                )
             });
         }
         for (uid, mut state) in now {

@@ -601,10 +601,7 @@ mod tests {
     }
 
     fn name(name: &str) -> ObjectName {
-        ObjectName {
-            namespace: "default".into(),
-            name: name.into(),
-        }
+        ObjectName::new("default", name)
     }
 
     fn config_map(data: Value, binary_data: Value) -> ConfigMap {

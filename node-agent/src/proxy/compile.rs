@@ -1034,10 +1034,7 @@ mod tests {
     use crate::proxy::diff;
 
     fn name(name: &str) -> ObjectName {
-        ObjectName {
-            namespace: "default".into(),
-            name: name.into(),
-        }
+        ObjectName::new("default", name)
     }
 
     /// A Service as a user writes it: ports are (name, port, protocol).
